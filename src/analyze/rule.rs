@@ -1,0 +1,615 @@
+//! rules.toml: parsing (every bad rule reported by id and line, not just the first),
+//! compiling into `Rule`s indexed by event source and name, evaluating them on events,
+//! and running each rule's inline tests. The format is documented in `docs/rules.md`.
+
+use crate::analyze::finding::{finding_id, Finding, Kind, Severity};
+use crate::analyze::matcher::{Matcher, RawCond};
+use crate::event::{Event, KMS_SOURCE};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The rules shipped in the repository, compiled into the binary.
+pub const BUILTIN_RULES: &str = include_str!("../../rules.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error(
+        "cannot read rules file {path}: {source} (check the path given to --rules or [rules] path)"
+    )]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        origin: String,
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    rule: Vec<toml::Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    id: String,
+    title: String,
+    severity: String,
+    description: String,
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    event_source: Option<String>,
+    #[serde(default)]
+    event_names: Vec<String>,
+    #[serde(rename = "match", default)]
+    match_: Option<RawCond>,
+    #[serde(default)]
+    suppress: Vec<RawCond>,
+    #[serde(default)]
+    summary: Option<String>,
+    #[serde(default)]
+    remediation: Option<String>,
+    #[serde(default)]
+    tests: Vec<RawTest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTest {
+    #[serde(default)]
+    name: Option<String>,
+    expect: String,
+    event: toml::Value,
+}
+
+/// An inline test of a rule: an event (merged over a default KMS record) and whether the
+/// rule must fire on it.
+#[derive(Debug, Clone)]
+pub struct RuleTest {
+    pub name: String,
+    pub expect_match: bool,
+    pub event: serde_json::Value,
+}
+
+/// A compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub id: String,
+    pub title: String,
+    pub severity: Severity,
+    pub description: String,
+    pub event_source: String,
+    pub event_names: Vec<String>,
+    pub line: usize,
+    matcher: Option<Matcher>,
+    suppress: Vec<Matcher>,
+    summary: Option<String>,
+    pub remediation: Option<String>,
+    pub tests: Vec<RuleTest>,
+}
+
+impl Rule {
+    /// True when the rule fires on `ev` (source, name, match, and no suppression).
+    pub fn fires(&self, ev: &Event<'_>) -> bool {
+        ev.event_source() == Some(self.event_source.as_str())
+            && (self.event_names.is_empty()
+                || ev
+                    .event_name()
+                    .is_some_and(|n| self.event_names.iter().any(|x| x == n)))
+            && self.matcher.as_ref().is_none_or(|m| m.matches(ev))
+            && !self.suppress.iter().any(|m| m.matches(ev))
+    }
+
+    fn finding(&self, ev: &Event<'_>, file: &str) -> Finding {
+        let event_ids = vec![event_id_of(ev)];
+        let keys = ev.key_arns();
+        Finding {
+            id: finding_id(&self.id, &event_ids),
+            kind: Kind::Rule,
+            rule: self.id.clone(),
+            severity: self.severity,
+            title: self.title.clone(),
+            summary: render_summary(self.summary.as_deref(), &self.title, ev, &keys),
+            event_ids,
+            event_name: ev.event_name().unwrap_or("?").to_string(),
+            event_source: ev.event_source().unwrap_or("?").to_string(),
+            time: ev.event_time().unwrap_or("").to_string(),
+            principal: ev.principal().map(str::to_string),
+            principal_role: ev.principal_role().map(str::to_string),
+            account: ev.account().map(str::to_string),
+            region: ev.region().map(str::to_string),
+            keys,
+            source_ip: ev.source_ip().map(str::to_string),
+            user_agent: ev.user_agent().map(str::to_string),
+            error_code: ev.error_code().map(str::to_string),
+            file: file.to_string(),
+            remediation: self.remediation.clone(),
+        }
+    }
+}
+
+/// The event's `eventID`, or when a record lacks one a stand-in derived from what
+/// identifies it, so that finding ids stay stable.
+pub fn event_id_of(ev: &Event<'_>) -> String {
+    match ev.event_id() {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => {
+            let parts = [
+                ev.event_time().unwrap_or(""),
+                ev.event_name().unwrap_or(""),
+                ev.principal().unwrap_or(""),
+                ev.str(&["requestID"]).unwrap_or(""),
+            ];
+            format!(
+                "no-event-id:{}",
+                &finding_id("event", &[parts.join("|")])[..16]
+            )
+        }
+    }
+}
+
+/// Renders a summary template: `{principal}`, `{key}`, `{keys}`, `{account}`, `{region}`,
+/// `{event_name}`, `{source_ip}`, `{user_agent}`, `{error_code}`, or any dotted path
+/// into the record. Values from the record are cut to 200 characters and stripped of
+/// control characters: they are attacker-controlled.
+fn render_summary(template: Option<&str>, title: &str, ev: &Event<'_>, keys: &[String]) -> String {
+    let default = "{title}: {event_name} by {principal} on {key}";
+    let template = template.unwrap_or(default);
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            out.push_str(&rest[open..]);
+            rest = "";
+            break;
+        };
+        let name = &after[..close];
+        let value: String = match name {
+            "title" => title.to_string(),
+            "principal" => ev.principal().unwrap_or("an unknown principal").to_string(),
+            "key" => keys.first().cloned().unwrap_or_else(|| "no key".into()),
+            "keys" => {
+                if keys.is_empty() {
+                    "no key".into()
+                } else {
+                    keys.join(", ")
+                }
+            }
+            "account" => ev.account().unwrap_or("?").to_string(),
+            "region" => ev.region().unwrap_or("?").to_string(),
+            "event_name" => ev.event_name().unwrap_or("?").to_string(),
+            "source_ip" => ev.source_ip().unwrap_or("?").to_string(),
+            "user_agent" => ev.user_agent().unwrap_or("?").to_string(),
+            "error_code" => ev.error_code().unwrap_or("none").to_string(),
+            path => {
+                let segs: Vec<&str> = path.split('.').collect();
+                match ev.get(&segs) {
+                    Some(simd_json::BorrowedValue::String(s)) => s.to_string(),
+                    Some(simd_json::BorrowedValue::Static(n)) => n.to_string(),
+                    Some(_) => "(complex value)".into(),
+                    None => "?".into(),
+                }
+            }
+        };
+        out.extend(clean(&value, 200));
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Drops control characters and cuts to `max` characters (with an ellipsis).
+pub fn clean(s: &str, max: usize) -> impl Iterator<Item = char> + '_ {
+    let long = s.chars().count() > max;
+    s.chars()
+        .filter(|c| !c.is_control())
+        .take(max)
+        .chain(long.then_some('…'))
+}
+
+/// All rules, indexed for evaluation.
+#[derive(Debug, Clone)]
+pub struct RuleSet {
+    pub origin: String,
+    rules: Vec<Rule>,
+    /// (event source, event name) -> rules; rules without names under name "".
+    index: HashMap<String, HashMap<String, Vec<usize>>>,
+}
+
+impl RuleSet {
+    pub fn builtin() -> Result<RuleSet, RulesError> {
+        RuleSet::parse(BUILTIN_RULES, "built-in rules.toml")
+    }
+
+    pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RulesError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        RuleSet::parse(&text, &path.display().to_string())
+    }
+
+    /// `--rules FILE` if given, else the built-in rules.
+    pub fn load_or_builtin(path: Option<&Path>) -> Result<RuleSet, RulesError> {
+        match path {
+            Some(p) => RuleSet::load(p),
+            None => RuleSet::builtin(),
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<RuleSet, RulesError> {
+        let invalid = |problems: Vec<String>| RulesError::Invalid {
+            origin: origin.to_string(),
+            problems,
+        };
+        let file: RawFile = toml::from_str(text).map_err(|e| {
+            invalid(vec![format!(
+                "not valid rules TOML: {}",
+                e.to_string().trim_end()
+            )])
+        })?;
+        let mut problems = Vec::new();
+        let mut rules = Vec::new();
+        for spanned in file.rule {
+            let line = line_of(text, spanned.span().start);
+            let value = spanned.into_inner();
+            let id = value
+                .get("id")
+                .and_then(|v| v.as_str())
+                .unwrap_or("(no id)")
+                .to_string();
+            match value.try_into::<RawRule>() {
+                Err(e) => problems.push(format!(
+                    "line {line}: rule `{id}`: {}",
+                    e.to_string().trim_end()
+                )),
+                Ok(raw) => match compile(raw, line) {
+                    Ok(rule) => rules.push(rule),
+                    Err(errs) => problems.extend(
+                        errs.into_iter()
+                            .map(|e| format!("line {line}: rule `{id}`: {e}")),
+                    ),
+                },
+            }
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for r in &rules {
+            if let Some(first) = seen.insert(r.id.as_str(), r.line) {
+                problems.push(format!(
+                    "line {}: rule `{}`: duplicate id (first defined at line {first}); ids must be unique",
+                    r.line, r.id
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(invalid(problems));
+        }
+        let mut index: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            let by_name = index.entry(r.event_source.clone()).or_default();
+            if r.event_names.is_empty() {
+                by_name.entry(String::new()).or_default().push(i);
+            }
+            for n in &r.event_names {
+                by_name.entry(n.clone()).or_default().push(i);
+            }
+        }
+        Ok(RuleSet {
+            origin: origin.to_string(),
+            rules,
+            index,
+        })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Event sources some rule looks at (what the decoder must parse fully).
+    pub fn sources(&self) -> Vec<&str> {
+        self.index.keys().map(String::as_str).collect()
+    }
+
+    /// Appends a finding for every rule that fires on `ev`.
+    pub fn evaluate(&self, ev: &Event<'_>, file: &str, out: &mut Vec<Finding>) {
+        let Some(src) = ev.event_source() else { return };
+        let Some(by_name) = self.index.get(src) else {
+            return;
+        };
+        let name = ev.event_name().unwrap_or("");
+        let named = by_name.get(name).into_iter().flatten();
+        let any = by_name.get("").into_iter().flatten();
+        for &i in named.chain(any) {
+            let rule = &self.rules[i];
+            if rule.fires(ev) {
+                out.push(rule.finding(ev, file));
+            }
+        }
+    }
+
+    /// Runs every rule's inline tests.
+    pub fn run_tests(&self) -> Vec<TestOutcome> {
+        let mut out = Vec::new();
+        for rule in &self.rules {
+            for t in &rule.tests {
+                let mut event = base_event(rule);
+                merge(&mut event, &t.event);
+                let mut bytes = event.to_string().into_bytes();
+                let result = match simd_json::to_borrowed_value(&mut bytes) {
+                    Ok(v) => {
+                        let fired = rule.fires(&Event::new(&v));
+                        if fired == t.expect_match {
+                            Ok(())
+                        } else if t.expect_match {
+                            Err("expected the rule to fire, it did not".to_string())
+                        } else {
+                            Err("expected no match, but the rule fired".to_string())
+                        }
+                    }
+                    Err(e) => Err(format!("test event is not valid JSON: {e}")),
+                };
+                out.push(TestOutcome {
+                    rule: rule.id.clone(),
+                    test: t.name.clone(),
+                    result,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TestOutcome {
+    pub rule: String,
+    pub test: String,
+    pub result: Result<(), String>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+fn compile(raw: RawRule, line: usize) -> Result<Rule, Vec<String>> {
+    let mut errs = Vec::new();
+    if raw.id.is_empty()
+        || !raw
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        errs.push("`id` must be non-empty and use only letters, digits, `-` and `_`".to_string());
+    }
+    let severity = raw.severity.parse::<Severity>().unwrap_or_else(|e| {
+        errs.push(e);
+        Severity::Info
+    });
+    if raw.description.trim().is_empty() {
+        errs.push("`description` is empty: say what the rule detects and why its severity".into());
+    }
+    let matcher = match raw.match_.as_ref().map(Matcher::compile).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            errs.push(format!("in `match`: {e}"));
+            None
+        }
+    };
+    let mut suppress = Vec::new();
+    for (i, s) in raw.suppress.iter().enumerate() {
+        match Matcher::compile(s) {
+            Ok(m) => suppress.push(m),
+            Err(e) => errs.push(format!("in `suppress[{i}]`: {e}")),
+        }
+    }
+    let mut tests = Vec::new();
+    for (i, t) in raw.tests.iter().enumerate() {
+        let name = t.name.clone().unwrap_or_else(|| format!("test {}", i + 1));
+        let expect_match = match t.expect.as_str() {
+            "match" => true,
+            "no-match" | "no_match" => false,
+            other => {
+                errs.push(format!(
+                    "test `{name}`: expect = \"{other}\"; use \"match\" or \"no-match\""
+                ));
+                continue;
+            }
+        };
+        let event = match &t.event {
+            toml::Value::String(s) => match serde_json::from_str::<serde_json::Value>(s) {
+                Ok(v) => v,
+                Err(e) => {
+                    errs.push(format!("test `{name}`: `event` is not valid JSON: {e}"));
+                    continue;
+                }
+            },
+            other => match serde_json::to_value(other) {
+                Ok(v) => v,
+                Err(e) => {
+                    errs.push(format!("test `{name}`: `event` cannot be converted: {e}"));
+                    continue;
+                }
+            },
+        };
+        if !event.is_object() {
+            errs.push(format!("test `{name}`: `event` must be a JSON object"));
+            continue;
+        }
+        tests.push(RuleTest {
+            name,
+            expect_match,
+            event,
+        });
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(Rule {
+        id: raw.id,
+        title: raw.title,
+        severity,
+        description: raw.description,
+        event_source: raw.event_source.unwrap_or_else(|| KMS_SOURCE.to_string()),
+        event_names: raw.event_names,
+        line,
+        matcher: if raw.enabled == Some(false) {
+            Some(Matcher::Any(Vec::new()))
+        } else {
+            matcher
+        },
+        suppress,
+        summary: raw.summary,
+        remediation: raw.remediation,
+        tests,
+    })
+}
+
+/// The default record a rule test's partial event is merged over: a successful call of
+/// the rule's first event name by an application role in account 111122223333.
+fn base_event(rule: &Rule) -> serde_json::Value {
+    serde_json::json!({
+        "eventVersion": "1.09",
+        "userIdentity": {
+            "type": "AssumedRole",
+            "principalId": "AROAEXAMPLE:session",
+            "arn": "arn:aws:sts::111122223333:assumed-role/app/session",
+            "accountId": "111122223333",
+            "sessionContext": {"sessionIssuer": {"type": "Role", "arn": "arn:aws:iam::111122223333:role/app", "accountId": "111122223333"}}
+        },
+        "eventTime": "2026-10-01T12:00:00Z",
+        "eventSource": rule.event_source,
+        "eventName": rule.event_names.first().cloned().unwrap_or_default(),
+        "awsRegion": "us-east-1",
+        "sourceIPAddress": "10.0.0.1",
+        "userAgent": "aws-cli/2.17.0",
+        "requestParameters": {"keyId": "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"},
+        "responseElements": null,
+        "eventID": "00000000-0000-4000-8000-000000000001",
+        "readOnly": false,
+        "eventType": "AwsApiCall",
+        "managementEvent": true,
+        "recipientAccountId": "111122223333",
+        "eventCategory": "Management",
+        "resources": [{"accountId": "111122223333", "type": "AWS::KMS::Key", "ARN": "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"}]
+    })
+}
+
+/// Deep-merges `patch` into `base` (objects merge, everything else replaces; JSON
+/// `null` in the patch removes the field, so tests can express "no errorCode").
+fn merge(base: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    b.remove(k);
+                } else if let Some(slot) = b.get_mut(k) {
+                    merge(slot, v);
+                } else {
+                    b.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_rule_is_reported_with_id_and_line() {
+        let text = r#"
+[[rule]]
+id = "good"
+title = "t"
+severity = "low"
+description = "d"
+event_names = ["DisableKey"]
+
+[[rule]]
+id = "bad-sev"
+title = "t"
+severity = "urgent"
+description = "d"
+
+[[rule]]
+id = "bad-field"
+title = "t"
+severity = "low"
+description = "d"
+mtach = { field = "x", exists = true }
+
+[[rule]]
+id = "bad-regex"
+title = "t"
+severity = "low"
+description = "d"
+match = { field = "userAgent", regex = "(" }
+"#;
+        let err = RuleSet::parse(text, "test.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("line 9: rule `bad-sev`: unknown severity `urgent`"),
+            "{err}"
+        );
+        assert!(
+            err.contains("line 15: rule `bad-field`") && err.contains("mtach"),
+            "{err}"
+        );
+        assert!(
+            err.contains("line 22: rule `bad-regex`: in `match`: bad regex"),
+            "{err}"
+        );
+        assert!(!err.contains("`good`"), "{err}");
+    }
+
+    #[test]
+    fn builtin_rules_load_and_pass_their_tests() {
+        let rules = RuleSet::builtin().expect("built-in rules must be valid");
+        let outcomes = rules.run_tests();
+        assert!(
+            outcomes.len() >= rules.rules().len(),
+            "every rule has tests"
+        );
+        let failed: Vec<_> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+        assert!(failed.is_empty(), "{failed:#?}");
+        for r in rules.rules() {
+            assert!(
+                r.tests.iter().any(|t| t.expect_match),
+                "{} has no positive test",
+                r.id
+            );
+            assert!(
+                r.tests.iter().any(|t| !t.expect_match),
+                "{} has no negative test",
+                r.id
+            );
+        }
+    }
+
+    #[test]
+    fn summary_template_cleans_values() {
+        let mut bytes = br#"{"userAgent":"evil\r\nBcc: x","eventName":"Decrypt"}"#.to_vec();
+        let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
+        let s = render_summary(
+            Some("{event_name} via {user_agent} {missing.path}"),
+            "t",
+            &Event::new(&v),
+            &[],
+        );
+        assert_eq!(s, "Decrypt via evilBcc: x ?");
+    }
+}

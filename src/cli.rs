@@ -1,0 +1,116 @@
+//! The command line: clap definitions with examples in every help text.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kmsguard",
+    version,
+    about = "Watch AWS KMS through CloudTrail: rules, forensic replay and alerts",
+    after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format table --fail-on high /var/log/cloudtrail/AWSLogs\n  kmsguard rules list\n  kmsguard rules test my-rules.toml\n\nExit codes: 0 success; 1 a finding at or above --fail-on, or a rule test failed;\n2 bad arguments, rules or input paths."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replay CloudTrail log files or folders through the rules and print findings.
+    #[command(
+        after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format jsonl --output findings.jsonl AWSLogs/\n  kmsguard replay --rules my-rules.toml --fail-on high trail-export/\n  kmsguard replay --jobs 1 --summary json big.json.gz\n\nFolders are read recursively: *.json.gz and *.json files, CloudTrail-Digest files skipped.\nExit codes: 0 done; 1 a finding at or above --fail-on; 2 bad arguments, rules or paths."
+    )]
+    Replay(ReplayArgs),
+    /// List the rules or run their inline tests.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One JSON object per finding per line (default when stdout is not a terminal).
+    Jsonl,
+    /// An aligned table and a summary (default on a terminal).
+    Table,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SummaryFormat {
+    Text,
+    Json,
+    None,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// CloudTrail log files (*.json.gz, *.json) or folders of them.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Output format [default: table on a terminal, jsonl otherwise].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Rules file [default: the rules.toml built into kmsguard].
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
+    /// Write findings to FILE instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Exit 1 when any finding is at least this severe.
+    #[arg(long, value_name = "SEVERITY")]
+    pub fail_on: Option<crate_severity::SeverityArg>,
+    /// Worker threads [default: number of cores].
+    #[arg(long, short, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Run summary on stderr [default: text after a table, none with jsonl].
+    #[arg(long, value_enum)]
+    pub summary: Option<SummaryFormat>,
+    /// No progress line and no per-file problem reports on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Largest record accepted, in bytes; larger ones are skipped and reported.
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+    pub max_record_bytes: usize,
+    /// Largest decompressed size of one file, in bytes.
+    #[arg(long, default_value_t = 4 << 30, value_name = "BYTES")]
+    pub max_file_bytes: u64,
+    /// Decompression ratio above which a file is treated as a gzip bomb.
+    #[arg(long, default_value_t = 200, value_name = "RATIO")]
+    pub max_ratio: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Show every rule: id, severity, title.
+    #[command(
+        after_help = "Examples:\n  kmsguard rules list\n  kmsguard rules list --rules my-rules.toml"
+    )]
+    List {
+        /// Rules file [default: the built-in rules].
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+    },
+    /// Run the inline tests of every rule and report pass/fail per rule.
+    #[command(
+        after_help = "Examples:\n  kmsguard rules test\n  kmsguard rules test my-rules.toml\n\nExit codes: 0 all passed; 1 a test failed; 2 the file is invalid."
+    )]
+    Test {
+        /// Rules file [default: the built-in rules].
+        file: Option<PathBuf>,
+    },
+}
+
+/// Severity as a command-line value.
+pub mod crate_severity {
+    use kmsguard::Severity;
+
+    #[derive(Debug, Clone, Copy)]
+    pub struct SeverityArg(pub Severity);
+
+    impl std::str::FromStr for SeverityArg {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Self, Self::Err> {
+            s.parse().map(SeverityArg)
+        }
+    }
+}

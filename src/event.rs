@@ -1,0 +1,208 @@
+//! The CloudTrail record as the analyzer sees it: a borrowed view over one parsed record
+//! with typed accessors for the fields every finding needs, and dotted-path lookup for
+//! everything else. This is the contract between decode and analyze; rules never see
+//! simd-json types directly, and nothing in a record is trusted (every accessor copes
+//! with a missing field or a field of the wrong type).
+
+use simd_json::{BorrowedValue as Value, StaticNode};
+
+/// A parsed CloudTrail record.
+#[derive(Clone, Copy)]
+pub struct Event<'v> {
+    root: &'v Value<'v>,
+}
+
+/// The event sources kmsguard parses fully; everything else is skipped unparsed.
+pub const KMS_SOURCE: &str = "kms.amazonaws.com";
+pub const CLOUDTRAIL_SOURCE: &str = "cloudtrail.amazonaws.com";
+
+impl<'v> Event<'v> {
+    pub fn new(root: &'v Value<'v>) -> Self {
+        Event { root }
+    }
+
+    pub fn root(&self) -> &'v Value<'v> {
+        self.root
+    }
+
+    /// A top-level field or a nested one by its path segments (no array traversal).
+    pub fn get(&self, path: &[&str]) -> Option<&'v Value<'v>> {
+        let mut v = self.root;
+        for seg in path {
+            v = object_get(v, seg)?;
+        }
+        Some(v)
+    }
+
+    /// A string field; None when missing or not a string.
+    pub fn str(&self, path: &[&str]) -> Option<&'v str> {
+        self.get(path).and_then(as_str)
+    }
+
+    /// Calls `f` on every value at `path`, descending into arrays at any step (so
+    /// `resources.ARN` visits the ARN of every resource); stops early when `f` is true.
+    pub fn any_at(&self, path: &[String], f: &mut dyn FnMut(&Value<'v>) -> bool) -> bool {
+        any_at(self.root, path, f)
+    }
+
+    pub fn event_source(&self) -> Option<&'v str> {
+        self.str(&["eventSource"])
+    }
+    pub fn event_name(&self) -> Option<&'v str> {
+        self.str(&["eventName"])
+    }
+    pub fn event_id(&self) -> Option<&'v str> {
+        self.str(&["eventID"])
+    }
+    pub fn event_time(&self) -> Option<&'v str> {
+        self.str(&["eventTime"])
+    }
+    pub fn region(&self) -> Option<&'v str> {
+        self.str(&["awsRegion"])
+    }
+    pub fn error_code(&self) -> Option<&'v str> {
+        self.str(&["errorCode"])
+    }
+    pub fn source_ip(&self) -> Option<&'v str> {
+        self.str(&["sourceIPAddress"])
+    }
+    pub fn user_agent(&self) -> Option<&'v str> {
+        self.str(&["userAgent"])
+    }
+    pub fn identity_type(&self) -> Option<&'v str> {
+        self.str(&["userIdentity", "type"])
+    }
+    /// The AWS service that called on the principal's behalf, if any.
+    pub fn invoked_by(&self) -> Option<&'v str> {
+        self.str(&["userIdentity", "invokedBy"])
+    }
+    pub fn vpc_endpoint(&self) -> Option<&'v str> {
+        self.str(&["vpcEndpointId"])
+    }
+
+    /// The account whose trail recorded the event (the resource owner's view).
+    pub fn account(&self) -> Option<&'v str> {
+        self.str(&["recipientAccountId"])
+            .or_else(|| self.str(&["userIdentity", "accountId"]))
+    }
+
+    /// The caller: its ARN, or for AWS service events the service name.
+    pub fn principal(&self) -> Option<&'v str> {
+        self.str(&["userIdentity", "arn"])
+            .or_else(|| self.invoked_by())
+            .or_else(|| self.str(&["userIdentity", "principalId"]))
+    }
+
+    /// The role behind an assumed-role session: the stable identity.
+    pub fn principal_role(&self) -> Option<&'v str> {
+        if self.identity_type() == Some("AssumedRole") {
+            self.str(&["userIdentity", "sessionContext", "sessionIssuer", "arn"])
+        } else {
+            None
+        }
+    }
+
+    /// KMS key ARNs the event involves: `resources` entries of type `AWS::KMS::Key` (or
+    /// untyped `arn:aws:kms` ARNs, as older event versions write them), plus key ids in the
+    /// request, made into ARNs with the event's region and account when they are bare.
+    pub fn key_arns(&self) -> Vec<String> {
+        let mut keys: Vec<String> = Vec::new();
+        if let Some(Value::Array(res)) = self.get(&["resources"]) {
+            for r in res.iter() {
+                let arn = object_get(r, "ARN").and_then(as_str);
+                let ty = object_get(r, "type").and_then(as_str);
+                if let Some(arn) = arn {
+                    let is_key = match ty {
+                        Some(t) => t == "AWS::KMS::Key",
+                        None => arn.starts_with("arn:aws:kms:") && arn.contains(":key/"),
+                    };
+                    if is_key {
+                        keys.push(arn.to_string());
+                    }
+                }
+            }
+        }
+        for path in [
+            &["requestParameters", "keyId"][..],
+            &["requestParameters", "destinationKeyId"][..],
+            &["requestParameters", "sourceKeyId"][..],
+            &["responseElements", "keyId"][..],
+            &["responseElements", "keyMetadata", "arn"][..],
+        ] {
+            if let Some(id) = self.str(path) {
+                if let Some(arn) = self.key_arn_for(id) {
+                    keys.push(arn);
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Turns a key reference from a request into an ARN when that is unambiguous.
+    fn key_arn_for(&self, id: &str) -> Option<String> {
+        if id.starts_with("arn:") {
+            return (id.contains(":key/")).then(|| id.to_string());
+        }
+        if id.starts_with("alias/") || id.is_empty() || id.len() > 128 {
+            return None;
+        }
+        let region = self.region()?;
+        let account = self.account()?;
+        Some(format!("arn:aws:kms:{region}:{account}:key/{id}"))
+    }
+}
+
+/// A field of an object; None for non-objects. With duplicate keys the first wins
+/// (the decoder reports duplicates as a problem).
+pub fn object_get<'v>(v: &'v Value<'v>, key: &str) -> Option<&'v Value<'v>> {
+    match v {
+        Value::Object(o) => o.get(key),
+        _ => None,
+    }
+}
+
+pub fn as_str<'v>(v: &'v Value<'v>) -> Option<&'v str> {
+    match v {
+        Value::String(s) => Some(s.as_ref()),
+        _ => None,
+    }
+}
+
+pub fn as_f64(v: &Value<'_>) -> Option<f64> {
+    match v {
+        Value::Static(StaticNode::I64(i)) => Some(*i as f64),
+        Value::Static(StaticNode::U64(u)) => Some(*u as f64),
+        Value::Static(StaticNode::F64(f)) => Some(*f),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn any_at<'v>(v: &'v Value<'v>, path: &[String], f: &mut dyn FnMut(&Value<'v>) -> bool) -> bool {
+    match v {
+        Value::Array(items) => items.iter().any(|item| any_at(item, path, f)),
+        _ => match path.split_first() {
+            None => f(v),
+            Some((seg, rest)) => match object_get(v, seg) {
+                Some(child) => any_at(child, rest, f),
+                None => false,
+            },
+        },
+    }
+}
+
+/// The names of top-level keys that occur more than once in a record.
+pub fn duplicate_keys(v: &Value<'_>) -> Vec<String> {
+    let mut dups = Vec::new();
+    if let Value::Object(o) = v {
+        let keys: Vec<&str> = o.keys().map(|k| k.as_ref()).collect();
+        for (i, k) in keys.iter().enumerate() {
+            if keys[..i].contains(k) && !dups.iter().any(|d: &String| d == k) {
+                dups.push(k.to_string());
+            }
+        }
+    }
+    dups
+}
