@@ -53,6 +53,10 @@ pub struct ReplayArgs {
     /// Rules file [default: the rules.toml built into kmsguard].
     #[arg(long, value_name = "FILE")]
     pub rules: Option<PathBuf>,
+    /// More rules or [[suppress]] entries on top of --rules (repeatable), e.g. known-good
+    /// activity of your CI role.
+    #[arg(long, value_name = "FILE")]
+    pub extra_rules: Vec<PathBuf>,
     /// Write findings to FILE instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,

@@ -31,7 +31,10 @@ fn main() -> ExitCode {
 }
 
 fn replay(args: ReplayArgs) -> Result<ExitCode> {
-    let rules = RuleSet::load_or_builtin(args.rules.as_deref())?;
+    let mut rules = RuleSet::load_or_builtin(args.rules.as_deref())?;
+    for extra in &args.extra_rules {
+        rules.extend(RuleSet::load(extra)?)?;
+    }
     let (files, digests) = source::collect_files(&args.paths)?;
     let format = args.format.unwrap_or(
         if std::io::stdout().is_terminal() && args.output.is_none() {

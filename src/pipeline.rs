@@ -115,10 +115,9 @@ pub fn replay(
             });
         }
         drop(tx);
-        let mut done = 0;
         let mut bytes_done = 0;
-        for (i, report, found) in rx {
-            done += 1;
+        for (n, (i, report, found)) in rx.into_iter().enumerate() {
+            let done = n + 1;
             bytes_done += files[i].size;
             let s = &report.stats;
             stats.files += 1;

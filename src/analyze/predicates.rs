@@ -191,24 +191,23 @@ fn trail_excludes_kms(ev: &Event<'_>) -> bool {
             let mut management_kept = false;
             let mut kms_excluded = false;
             let mut saw_selectors = false;
-            if let Some(v) = ev.get(&["requestParameters", "eventSelectors"]) {
-                if let simd_json::BorrowedValue::Array(sels) = v {
-                    for s in sels.iter() {
-                        saw_selectors = true;
-                        let ev = Event::new(s);
-                        let include = !matches!(
-                            ev.get(&["includeManagementEvents"]),
-                            Some(simd_json::BorrowedValue::Static(
-                                simd_json::StaticNode::Bool(false)
-                            ))
-                        );
-                        let excluded = ev
-                            .any_at(&["excludeManagementEventSources".into()], &mut |x| {
-                                as_str(x) == Some(KMS_SOURCE)
-                            });
-                        kms_excluded |= include && excluded;
-                        management_kept |= include && !excluded;
-                    }
+            if let Some(simd_json::BorrowedValue::Array(sels)) =
+                ev.get(&["requestParameters", "eventSelectors"])
+            {
+                for s in sels.iter() {
+                    saw_selectors = true;
+                    let ev = Event::new(s);
+                    let include = !matches!(
+                        ev.get(&["includeManagementEvents"]),
+                        Some(simd_json::BorrowedValue::Static(
+                            simd_json::StaticNode::Bool(false)
+                        ))
+                    );
+                    let excluded = ev.any_at(&["excludeManagementEventSources".into()], &mut |x| {
+                        as_str(x) == Some(KMS_SOURCE)
+                    });
+                    kms_excluded |= include && excluded;
+                    management_kept |= include && !excluded;
                 }
             }
             if let Some(simd_json::BorrowedValue::Array(sels)) =

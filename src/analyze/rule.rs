@@ -34,6 +34,36 @@ pub enum RulesError {
 struct RawFile {
     #[serde(default)]
     rule: Vec<toml::Spanned<toml::Value>>,
+    #[serde(default)]
+    suppress: Vec<toml::Spanned<toml::Value>>,
+}
+
+/// A file-level suppression: known-good activity that must not raise the listed rules.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSuppression {
+    /// Rule ids, or `["*"]` for every rule.
+    rules: Vec<String>,
+    /// Why this is known-good (shown by `rules list`, required so suppressions stay
+    /// reviewable).
+    reason: String,
+    #[serde(rename = "match")]
+    match_: RawCond,
+}
+
+#[derive(Debug, Clone)]
+pub struct Suppression {
+    pub rules: Vec<String>,
+    pub reason: String,
+    pub line: usize,
+    pub origin: String,
+    matcher: Matcher,
+}
+
+impl Suppression {
+    fn applies(&self, rule: &str, ev: &Event<'_>) -> bool {
+        self.rules.iter().any(|r| r == "*" || r == rule) && self.matcher.matches(ev)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +252,7 @@ pub fn clean(s: &str, max: usize) -> impl Iterator<Item = char> + '_ {
 pub struct RuleSet {
     pub origin: String,
     rules: Vec<Rule>,
+    suppressions: Vec<Suppression>,
     /// (event source, event name) -> rules; rules without names under name "".
     index: HashMap<String, HashMap<String, Vec<usize>>>,
 }
@@ -282,6 +313,38 @@ impl RuleSet {
                 },
             }
         }
+        let mut suppressions = Vec::new();
+        for spanned in file.suppress {
+            let line = line_of(text, spanned.span().start);
+            match spanned.into_inner().try_into::<RawSuppression>() {
+                Err(e) => problems.push(format!(
+                    "line {line}: [[suppress]]: {}",
+                    e.to_string().trim_end()
+                )),
+                Ok(raw) => {
+                    if raw.reason.trim().is_empty() {
+                        problems.push(format!("line {line}: [[suppress]]: `reason` is empty: say why this activity is known-good"));
+                    }
+                    if raw.rules.is_empty() {
+                        problems.push(format!(
+                            "line {line}: [[suppress]]: `rules` is empty: list rule ids, or \"*\""
+                        ));
+                    }
+                    match Matcher::compile(&raw.match_) {
+                        Ok(matcher) => suppressions.push(Suppression {
+                            rules: raw.rules,
+                            reason: raw.reason,
+                            line,
+                            origin: origin.to_string(),
+                            matcher,
+                        }),
+                        Err(e) => {
+                            problems.push(format!("line {line}: [[suppress]]: in `match`: {e}"))
+                        }
+                    }
+                }
+            }
+        }
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for r in &rules {
             if let Some(first) = seen.insert(r.id.as_str(), r.line) {
@@ -294,8 +357,75 @@ impl RuleSet {
         if !problems.is_empty() {
             return Err(invalid(problems));
         }
+        let mut set = RuleSet {
+            origin: origin.to_string(),
+            rules,
+            suppressions,
+            index: HashMap::new(),
+        };
+        set.reindex();
+        Ok(set)
+    }
+
+    /// Adds the rules and suppressions of `other` (an `--extra-rules` file). Rule ids
+    /// must stay unique.
+    pub fn extend(&mut self, other: RuleSet) -> Result<(), RulesError> {
+        let dups: Vec<String> = other
+            .rules
+            .iter()
+            .filter(|r| self.rules.iter().any(|m| m.id == r.id))
+            .map(|r| {
+                format!(
+                    "line {}: rule `{}`: already defined in {}; ids must be unique",
+                    r.line, r.id, self.origin
+                )
+            })
+            .collect();
+        if !dups.is_empty() {
+            return Err(RulesError::Invalid {
+                origin: other.origin,
+                problems: dups,
+            });
+        }
+        let unknown: Vec<String> = other
+            .suppressions
+            .iter()
+            .flat_map(|s| s.rules.iter().map(move |r| (s, r)))
+            .filter(|(_, r)| {
+                *r != "*"
+                    && !self
+                        .rules
+                        .iter()
+                        .chain(other.rules.iter())
+                        .any(|m| &m.id == *r)
+            })
+            .map(|(s, r)| {
+                format!(
+                    "line {}: [[suppress]]: unknown rule `{r}` (see `kmsguard rules list`)",
+                    s.line
+                )
+            })
+            .collect();
+        if !unknown.is_empty() {
+            return Err(RulesError::Invalid {
+                origin: other.origin,
+                problems: unknown,
+            });
+        }
+        self.origin = format!("{} + {}", self.origin, other.origin);
+        self.rules.extend(other.rules);
+        self.suppressions.extend(other.suppressions);
+        self.reindex();
+        Ok(())
+    }
+
+    pub fn suppressions(&self) -> &[Suppression] {
+        &self.suppressions
+    }
+
+    fn reindex(&mut self) {
         let mut index: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
-        for (i, r) in rules.iter().enumerate() {
+        for (i, r) in self.rules.iter().enumerate() {
             let by_name = index.entry(r.event_source.clone()).or_default();
             if r.event_names.is_empty() {
                 by_name.entry(String::new()).or_default().push(i);
@@ -304,11 +434,7 @@ impl RuleSet {
                 by_name.entry(n.clone()).or_default().push(i);
             }
         }
-        Ok(RuleSet {
-            origin: origin.to_string(),
-            rules,
-            index,
-        })
+        self.index = index;
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -331,7 +457,7 @@ impl RuleSet {
         let any = by_name.get("").into_iter().flatten();
         for &i in named.chain(any) {
             let rule = &self.rules[i];
-            if rule.fires(ev) {
+            if rule.fires(ev) && !self.suppressions.iter().any(|s| s.applies(&rule.id, ev)) {
                 out.push(rule.finding(ev, file));
             }
         }

@@ -300,7 +300,8 @@ fn check_record(
     if ev.get(&["eventSource"]).is_none() {
         *missing_source += 1;
     }
-    let checks: [(&'static str, fn(&Value<'_>) -> bool); 5] = [
+    type Check = (&'static str, fn(&Value<'_>) -> bool);
+    let checks: [Check; 5] = [
         ("eventSource", |v| matches!(v, Value::String(_))),
         ("eventName", |v| matches!(v, Value::String(_))),
         ("eventTime", |v| matches!(v, Value::String(_))),

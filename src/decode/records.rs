@@ -209,8 +209,6 @@ impl RecordScanner {
                             self.phase = Phase::Elements;
                         }
                         None => {
-                            self.rec_len += (n - rec_start) as u64;
-                            self.stash(&chunk[rec_start..n]);
                             i = n;
                         }
                     }
@@ -240,6 +238,11 @@ impl RecordScanner {
                     }
                 }
             }
+        }
+        if self.phase == Phase::Record {
+            // The record goes on in the next chunk: keep what this chunk holds of it.
+            self.rec_len += (n - rec_start) as u64;
+            self.stash(&chunk[rec_start..n]);
         }
         self.offset += n as u64;
     }
@@ -303,6 +306,12 @@ impl RecordScanner {
         let n = chunk.len();
         let max_depth = self.limits.max_depth;
         while i < n {
+            if self.escaped {
+                // A backslash ended the previous chunk: this byte is escaped.
+                self.escaped = false;
+                i += 1;
+                continue;
+            }
             if self.in_string {
                 // Jump to the next quote or backslash.
                 match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
@@ -323,12 +332,6 @@ impl RecordScanner {
                         }
                     }
                 }
-                continue;
-            }
-            if self.escaped {
-                // A backslash ended the previous chunk: this byte is escaped.
-                self.escaped = false;
-                i += 1;
                 continue;
             }
             let b = chunk[i];

@@ -1,0 +1,6 @@
+//! The one integration-test binary: drives the real `kmsguard` binary on real files
+//! (ctgen corpora, the shipped samples, ctgen's malformed inputs).
+
+mod replay;
+mod rules_cli;
+mod support;
