@@ -25,6 +25,13 @@ pub enum Command {
     /// List the rules or run their inline tests.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Measure raw decompression speed of log files (used by scripts/bench).
+    #[command(after_help = "Examples:\n  kmsguard bench-inflate /var/tmp/kmsguard-bench/AWSLogs")]
+    BenchInflate {
+        /// Files or folders, as for replay.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay(args),
         Command::Rules(RulesCommand::List { rules }) => rules_list(rules),
         Command::Rules(RulesCommand::Test { file }) => rules_test(file),
+        Command::BenchInflate { paths } => bench_inflate(paths),
     };
     match result {
         Ok(code) => code,
@@ -176,4 +177,27 @@ fn rules_test(path: Option<std::path::PathBuf>) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn bench_inflate(paths: Vec<std::path::PathBuf>) -> Result<ExitCode> {
+    let (files, _) = source::collect_files(&paths)?;
+    let mut scratch = Vec::new();
+    for (name, whole) in [
+        ("libdeflate (whole file)", true),
+        ("flate2 zlib-rs (streaming)", false),
+    ] {
+        let started = std::time::Instant::now();
+        let mut total = 0u64;
+        for f in &files {
+            total += kmsguard::decode::inflate_only(&f.path, whole, &mut scratch)
+                .with_context(|| format!("cannot inflate {}", f.path.display()))?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "gunzip {name}: {:.1} MB in {secs:.2} s = {:.0} MB/s (one thread)",
+            total as f64 / 1e6,
+            total as f64 / 1e6 / secs
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

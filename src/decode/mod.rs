@@ -574,3 +574,31 @@ fn gzip_isize(b: &[u8]) -> u64 {
     let t = &b[b.len() - 4..];
     u32::from_le_bytes([t[0], t[1], t[2], t[3]]) as u64
 }
+
+/// Inflates a file without scanning or parsing, for the benchmark's "raw gunzip" figure:
+/// libdeflate on the whole buffer when `whole`, else flate2 streaming. Returns the
+/// decompressed size.
+pub fn inflate_only(path: &Path, whole: bool, scratch: &mut Vec<u8>) -> std::io::Result<u64> {
+    let bytes = std::fs::read(path)?;
+    if !is_gzip(&bytes) {
+        return Ok(bytes.len() as u64);
+    }
+    if whole {
+        let isize = gzip_isize(&bytes) as usize;
+        scratch.resize(isize, 0);
+        let mut d = libdeflater::Decompressor::new();
+        return d
+            .gzip_decompress(&bytes, scratch)
+            .map(|n| n as u64)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()));
+    }
+    let mut dec = flate2::bufread::MultiGzDecoder::new(&bytes[..]);
+    scratch.resize(CHUNK, 0);
+    let mut total = 0u64;
+    loop {
+        match dec.read(scratch)? {
+            0 => return Ok(total),
+            n => total += n as u64,
+        }
+    }
+}

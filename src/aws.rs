@@ -1,0 +1,67 @@
+//! AWS clients, built one way for every part of kmsguard: the standard credential chain,
+//! a default region, and an optional endpoint (local emulators such as moto;
+//! `AWS_ENDPOINT_URL` works too). S3 against a local endpoint needs path-style
+//! addressing, which the Rust SDK cannot take from the environment, so it is a setting.
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+
+/// Where and how to reach AWS.
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    /// Default region; the SDK's chain (AWS_REGION, profile) when None.
+    pub region: Option<String>,
+    /// Endpoint override for every service (e.g. `http://127.0.0.1:5000`).
+    pub endpoint_url: Option<String>,
+    /// Path-style S3 URLs (`http://host/bucket/key`); needed for local endpoints.
+    pub s3_force_path_style: bool,
+}
+
+impl AwsSettings {
+    /// Settings from the environment alone: path-style S3 when an endpoint is set.
+    pub fn from_env() -> Self {
+        let endpoint_url = std::env::var("AWS_ENDPOINT_URL")
+            .ok()
+            .filter(|s| !s.is_empty());
+        AwsSettings {
+            region: None,
+            s3_force_path_style: endpoint_url.is_some(),
+            endpoint_url,
+        }
+    }
+}
+
+/// Loads the shared SDK configuration.
+pub async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &settings.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(url) = &settings.endpoint_url {
+        loader = loader.endpoint_url(url.clone());
+    }
+    loader.load().await
+}
+
+pub fn s3_client(config: &SdkConfig, settings: &AwsSettings) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::from(config)
+        .force_path_style(settings.s3_force_path_style)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+pub fn sqs_client(config: &SdkConfig, region: Option<&str>) -> aws_sdk_sqs::Client {
+    let mut b = aws_sdk_sqs::config::Builder::from(config);
+    if let Some(r) = region {
+        b = b.region(Region::new(r.to_string()));
+    }
+    aws_sdk_sqs::Client::from_conf(b.build())
+}
+
+/// A KMS client, optionally for another region than the default (keys live in theirs).
+pub fn kms_client(config: &SdkConfig, region: Option<&str>) -> aws_sdk_kms::Client {
+    let mut b = aws_sdk_kms::config::Builder::from(config);
+    if let Some(r) = region {
+        b = b.region(Region::new(r.to_string()));
+    }
+    aws_sdk_kms::Client::from_conf(b.build())
+}

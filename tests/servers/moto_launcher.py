@@ -1,0 +1,22 @@
+"""Starts a moto server on 127.0.0.1 for the integration tests.
+
+    python moto_launcher.py PORT
+
+moto 5.2.5 writes only the first 36 bytes of the key id into its ciphertext header. Its
+multi-Region key ids are "mrk-" + a 36-character UUID (40 bytes), so they are truncated
+and Decrypt under mrk- keys fails. We widen the header to 40 bytes before the server starts; everything else is
+stock moto.
+"""
+import sys
+
+import moto.kms.utils as kms_utils
+
+kms_utils.KEY_ID_LEN = 40
+kms_utils.HEADER_LEN = kms_utils.KEY_ID_LEN + kms_utils.IV_LEN + kms_utils.TAG_LEN
+kms_utils.CIPHERTEXT_HEADER_FORMAT = f">{kms_utils.KEY_ID_LEN}s{kms_utils.IV_LEN}s{kms_utils.TAG_LEN}s"
+
+from moto.server import main  # noqa: E402  (after the patch, on purpose)
+
+if __name__ == "__main__":
+    port = sys.argv[1] if len(sys.argv) > 1 else "5000"
+    main(["-H", "127.0.0.1", "-p", port])
