@@ -12,6 +12,7 @@ pub mod event;
 pub mod pipeline;
 pub mod report;
 pub mod source;
+pub mod store;
 
 pub use analyze::finding::{Finding, Kind, Severity};
 pub use analyze::rule::RuleSet;

@@ -1,0 +1,291 @@
+//! The state store: the only module that touches sled. One database per state directory
+//! with named trees: `ledger` (files already processed), `baselines` (per-principal
+//! behaviour), `outbox` (findings waiting for delivery), `meta` (schema version), and
+//! trees other modules ask for by name (`tree`). A file's effects (its ledger entry, the
+//! baselines it changed, the findings it produced) are committed in one transaction, so
+//! a crash never leaves half-applied state and a redelivered file is never counted twice.
+
+use serde::{de::DeserializeOwned, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use std::path::{Path, PathBuf};
+
+/// Bumped when the layout of stored values changes incompatibly.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state store in {dir}: {source} (is another kmsguard using it? check the path and its permissions)")]
+    Open {
+        dir: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("the state store in {dir} has schema version {found}, this kmsguard needs {SCHEMA_VERSION}: move the folder away to start afresh, or use a matching kmsguard")]
+    Schema { dir: String, found: u32 },
+    #[error("state store error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt value in tree `{tree}` at key `{key}`: {error}")]
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        error: String,
+    },
+    #[error("cannot create a temporary state directory: {0}")]
+    Temp(std::io::Error),
+}
+
+/// Everything one processed input changes, committed atomically.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Ledger entries to record (e.g. `file:/path:size:mtime` or `s3:bucket/key:etag`).
+    pub ledger: Vec<String>,
+    /// Baselines to write (principal -> serialized baseline), `None` to delete.
+    pub baselines: Vec<(String, Option<Vec<u8>>)>,
+    /// Outbox entries (id -> serialized record).
+    pub outbox: Vec<(String, Vec<u8>)>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.ledger.is_empty() && self.baselines.is_empty() && self.outbox.is_empty()
+    }
+}
+
+/// An open state store.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    dir: PathBuf,
+    ledger: sled::Tree,
+    baselines: sled::Tree,
+    outbox: sled::Tree,
+    /// Keeps a temporary directory alive as long as the store.
+    _temp: Option<std::sync::Arc<TempDir>>,
+}
+
+/// A directory removed on drop (for replay without `--state`).
+pub struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_inner(dir, None)
+    }
+
+    /// A throwaway store in a fresh temporary directory.
+    pub fn temporary() -> Result<Store, StoreError> {
+        let base = std::env::temp_dir().join(format!(
+            "kmsguard-state-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::create_dir_all(&base).map_err(StoreError::Temp)?;
+        let temp = std::sync::Arc::new(TempDir(base.clone()));
+        Self::open_inner(&base, Some(temp))
+    }
+
+    fn open_inner(dir: &Path, temp: Option<std::sync::Arc<TempDir>>) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            dir: dir.display().to_string(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(32 << 20)
+            .open()
+            .map_err(open_err)?;
+        let meta = db.open_tree("meta").map_err(open_err)?;
+        match meta.get("schema_version")? {
+            None => {
+                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+            }
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema {
+                        dir: dir.display().to_string(),
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(Store {
+            ledger: db.open_tree("ledger")?,
+            baselines: db.open_tree("baselines")?,
+            outbox: db.open_tree("outbox")?,
+            db,
+            dir: dir.to_path_buf(),
+            _temp: temp,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Another named tree, for modules with state of their own (e.g. the key inventory).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    pub fn ledger_contains(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.ledger.contains_key(key)?)
+    }
+
+    pub fn ledger_len(&self) -> usize {
+        self.ledger.len()
+    }
+
+    pub fn baseline_raw(&self, principal: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.baselines.get(principal)?.map(|v| v.to_vec()))
+    }
+
+    /// Every stored baseline, in principal order.
+    pub fn baselines_raw(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, Vec<u8>), StoreError>> + '_ {
+        self.baselines.iter().map(|r| {
+            let (k, v) = r?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+        })
+    }
+
+    pub fn baseline_count(&self) -> usize {
+        self.baselines.len()
+    }
+
+    /// Applies a commit in one transaction over the ledger, baselines and outbox.
+    pub fn commit(&self, c: &Commit) -> Result<(), StoreError> {
+        if c.is_empty() {
+            return Ok(());
+        }
+        let result: Result<(), TransactionError<()>> =
+            (&self.ledger, &self.baselines, &self.outbox).transaction(
+                |(ledger, baselines, outbox)| {
+                    for k in &c.ledger {
+                        ledger.insert(k.as_bytes(), &[1u8][..])?;
+                    }
+                    for (k, v) in &c.baselines {
+                        match v {
+                            Some(v) => baselines.insert(k.as_bytes(), v.as_slice())?,
+                            None => baselines.remove(k.as_bytes())?,
+                        };
+                    }
+                    for (k, v) in &c.outbox {
+                        outbox.insert(k.as_bytes(), v.as_slice())?;
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                },
+            );
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
+            Err(TransactionError::Abort(())) => Err(StoreError::Sled(sled::Error::ReportableBug(
+                "transaction aborted".into(),
+            ))),
+        }
+    }
+
+    /// Outbox entries in key order (keys sort by creation time).
+    pub fn outbox_entries(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, Vec<u8>), StoreError>> + '_ {
+        self.outbox.iter().map(|r| {
+            let (k, v) = r?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+        })
+    }
+
+    pub fn outbox_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.outbox.get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn outbox_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.outbox.insert(key, value)?;
+        Ok(())
+    }
+
+    pub fn outbox_remove(&self, key: &str) -> Result<(), StoreError> {
+        self.outbox.remove(key)?;
+        Ok(())
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Serializes a stored value (JSON: readable with `baseline export`, stable across builds).
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+pub fn decode<T: DeserializeOwned>(
+    tree: &'static str,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: key.to_string(),
+        error: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_is_atomic_across_trees_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.commit(&Commit {
+                ledger: vec!["file:a".into()],
+                baselines: vec![("p".into(), Some(b"{}".to_vec()))],
+                outbox: vec![("0001".into(), b"x".to_vec())],
+            })
+            .unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.ledger_contains("file:a").unwrap());
+        assert_eq!(s.baseline_raw("p").unwrap().unwrap(), b"{}");
+        assert_eq!(s.outbox_len(), 1);
+    }
+
+    #[test]
+    fn temporary_store_is_removed() {
+        let dir;
+        {
+            let s = Store::temporary().unwrap();
+            dir = s.dir().to_path_buf();
+            assert!(dir.exists());
+        }
+        assert!(!dir.exists());
+    }
+}
