@@ -25,6 +25,9 @@ pub enum Command {
     /// List the rules or run their inline tests.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Show, export or forget what kmsguard believes is normal per principal.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
     /// Measure raw decompression speed of log files (used by scripts/bench).
     #[command(after_help = "Examples:\n  kmsguard bench-inflate /var/tmp/kmsguard-bench/AWSLogs")]
     BenchInflate {
@@ -64,6 +67,19 @@ pub struct ReplayArgs {
     /// activity of your CI role.
     #[arg(long, value_name = "FILE")]
     pub extra_rules: Vec<PathBuf>,
+    /// State directory for baselines and the ledger of processed files [default: a
+    /// temporary one, so anomalies are still found within the files read].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Train baselines only (needs --state to be useful): report nothing.
+    #[arg(long, requires = "state")]
+    pub learn_only: bool,
+    /// Rules only: no baselines, no anomaly findings.
+    #[arg(long, conflicts_with_all = ["state", "learn_only"])]
+    pub no_baselines: bool,
+    /// Configuration file; replay uses its [baseline] section (detector settings).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Write findings to FILE instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,
@@ -88,6 +104,38 @@ pub struct ReplayArgs {
     /// Decompression ratio above which a file is treated as a gzip bomb.
     #[arg(long, default_value_t = 200, value_name = "RATIO")]
     pub max_ratio: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BaselineCommand {
+    /// Print one principal's baseline as JSON.
+    #[command(
+        after_help = "Examples:\n  kmsguard baseline show --state /var/lib/kmsguard arn:aws:iam::111122223333:role/app\n  kmsguard baseline show --state st 'arn:aws:iam::111122223333:role/app via s3.amazonaws.com'"
+    )]
+    Show {
+        /// The stable principal: a role ARN (not the session), user ARN, service, or
+        /// `ROLE via SERVICE` for calls a service made on its behalf.
+        principal: String,
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
+    /// Print every baseline as one JSON object keyed by principal.
+    #[command(
+        after_help = "Examples:\n  kmsguard baseline export --state /var/lib/kmsguard > baselines.json"
+    )]
+    Export {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
+    /// Delete a principal's baseline (it starts learning again).
+    #[command(
+        after_help = "Examples:\n  kmsguard baseline forget --state /var/lib/kmsguard arn:aws:iam::111122223333:role/app"
+    )]
+    Forget {
+        principal: String,
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

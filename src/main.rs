@@ -6,10 +6,12 @@ mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{Cli, Command, Format, ReplayArgs, RulesCommand, SummaryFormat};
+use cli::{BaselineCommand, Cli, Command, Format, ReplayArgs, RulesCommand, SummaryFormat};
+use kmsguard::analyze::baseline::BaselineConfig;
 use kmsguard::decode::records::ScanLimits;
 use kmsguard::decode::DecodeLimits;
 use kmsguard::pipeline::{self, ReplayOptions};
+use kmsguard::store::Store;
 use kmsguard::{report, source, RuleSet};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -21,6 +23,7 @@ fn main() -> ExitCode {
         Command::Rules(RulesCommand::List { rules }) => rules_list(rules),
         Command::Rules(RulesCommand::Test { file }) => rules_test(file),
         Command::BenchInflate { paths } => bench_inflate(paths),
+        Command::Baseline(cmd) => baseline(cmd),
     };
     match result {
         Ok(code) => code,
@@ -54,12 +57,22 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
             max_file_bytes: args.max_file_bytes,
             max_ratio: args.max_ratio,
         },
+        baselines: if args.no_baselines {
+            None
+        } else {
+            Some(baseline_config(args.config.as_deref())?)
+        },
+        learn_only: args.learn_only,
+    };
+    let store = match &args.state {
+        Some(dir) => Store::open(dir)?,
+        None => Store::temporary()?,
     };
     let show_progress = !args.quiet && std::io::stderr().is_terminal();
     let mut last_progress = std::time::Instant::now();
     let mut progress_shown = false;
     let quiet = args.quiet;
-    let mut outcome = pipeline::replay(&files, &rules, &opts, &mut |done| {
+    let mut outcome = pipeline::replay(&files, &rules, &opts, &store, &mut |done| {
         if !quiet {
             for p in &done.report.problems {
                 if progress_shown {
@@ -77,7 +90,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
             progress_shown = true;
             last_progress = std::time::Instant::now();
         }
-    });
+    })?;
     if progress_shown {
         eprint!("\r\x1b[2K");
     }
@@ -198,6 +211,78 @@ fn bench_inflate(paths: Vec<std::path::PathBuf>) -> Result<ExitCode> {
             total as f64 / 1e6,
             total as f64 / 1e6 / secs
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The [baseline] section of a config file (defaults without one).
+fn baseline_config(path: Option<&std::path::Path>) -> Result<BaselineConfig> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        #[serde(default)]
+        baseline: BaselineConfig,
+    }
+    let Some(path) = path else {
+        return Ok(BaselineConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let file: File =
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    Ok(file.baseline)
+}
+
+fn open_existing_state(dir: &std::path::Path) -> Result<Store> {
+    if !dir.join("db").exists() {
+        anyhow::bail!(
+            "{} holds no kmsguard state (give the --state DIR used by replay or the daemon)",
+            dir.display()
+        );
+    }
+    Ok(Store::open(dir)?)
+}
+
+fn baseline(cmd: BaselineCommand) -> Result<ExitCode> {
+    use kmsguard::analyze::baseline::Baseline;
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        BaselineCommand::Show { principal, state } => {
+            let store = open_existing_state(&state)?;
+            let Some(raw) = store.baseline_raw(&principal)? else {
+                eprintln!(
+                    "error: no baseline for `{principal}` in {} (`kmsguard baseline export` lists them; assumed roles are keyed by role ARN, not session)",
+                    state.display()
+                );
+                return Ok(ExitCode::from(2));
+            };
+            let b: Baseline = kmsguard::store::decode("baselines", &principal, &raw)?;
+            serde_json::to_writer_pretty(&mut out, &b)?;
+            writeln!(out)?;
+        }
+        BaselineCommand::Export { state } => {
+            let store = open_existing_state(&state)?;
+            let mut all = serde_json::Map::new();
+            for entry in store.baselines_raw() {
+                let (p, raw) = entry?;
+                let b: Baseline = kmsguard::store::decode("baselines", &p, &raw)?;
+                all.insert(p, serde_json::to_value(b)?);
+            }
+            serde_json::to_writer_pretty(&mut out, &all)?;
+            writeln!(out)?;
+        }
+        BaselineCommand::Forget { principal, state } => {
+            let store = open_existing_state(&state)?;
+            if store.forget_baseline(&principal)? {
+                store.flush()?;
+                writeln!(out, "forgot the baseline of {principal}")?;
+            } else {
+                eprintln!(
+                    "error: no baseline for `{principal}` in {}",
+                    state.display()
+                );
+                return Ok(ExitCode::from(2));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

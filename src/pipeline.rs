@@ -3,20 +3,27 @@
 //! flow back over a bounded channel to the collecting thread, which deduplicates findings
 //! by their stable id (CloudTrail delivers some events twice) and reports progress.
 
+use crate::analyze::baseline::{self, Baseline, BaselineConfig, Detector, Observation};
 use crate::analyze::finding::Finding;
 use crate::analyze::rule::RuleSet;
 use crate::decode::{DecodeLimits, Decoder, FileReport};
+use crate::source::files::ledger_key;
 use crate::source::LogFile;
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::store::{self, Commit, Store, StoreError};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReplayOptions {
     /// Worker threads (at least 1).
     pub jobs: usize,
     pub limits: DecodeLimits,
+    /// Baseline detectors; None turns them off.
+    pub baselines: Option<BaselineConfig>,
+    /// Train baselines only: no findings are returned.
+    pub learn_only: bool,
 }
 
 impl Default for ReplayOptions {
@@ -24,6 +31,8 @@ impl Default for ReplayOptions {
         ReplayOptions {
             jobs: default_jobs(),
             limits: DecodeLimits::default(),
+            baselines: Some(BaselineConfig::default()),
+            learn_only: false,
         }
     }
 }
@@ -46,6 +55,9 @@ pub struct ReplayStats {
     pub json_bytes: u64,
     pub findings: u64,
     pub duplicate_findings: u64,
+    /// Files whose baseline effects were already in the state store (not counted twice).
+    pub files_already_learned: u64,
+    pub principals: u64,
     pub elapsed_secs: f64,
     /// Peak resident memory of the process, when the OS tells it.
     pub peak_rss_bytes: Option<u64>,
@@ -77,79 +89,229 @@ pub struct ReplayOutcome {
     pub stats: ReplayStats,
 }
 
-/// Replays `files` through `rules`. `on_file` is called on the calling thread after each
-/// file (for progress and problem reports).
+/// Hands out file indexes to workers, at most `window` ahead of the collector, so
+/// results wait in a bounded reorder buffer.
+struct Dispatch {
+    state: Mutex<(usize, usize)>, // (next to hand out, next the collector needs)
+    moved: Condvar,
+    window: usize,
+}
+
+impl Dispatch {
+    fn take(&self, total: usize) -> Option<usize> {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let (next, needed) = *g;
+            if next >= total {
+                return None;
+            }
+            if next < needed + self.window {
+                g.0 += 1;
+                return Some(next);
+            }
+            g = self.moved.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn advance(&self, needed: usize) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.1 = needed;
+        self.moved.notify_all();
+    }
+
+    fn stop(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = usize::MAX / 2;
+        self.moved.notify_all();
+    }
+}
+
+type WorkerResult = (usize, FileReport, Vec<Finding>, Vec<Observation>);
+
+/// Replays `files` through `rules` and (when enabled) the baseline detectors, whose state
+/// lives in `store`. Files are decoded in parallel and analyzed for baselines in order
+/// (the order of `files`: time order for CloudTrail names). `on_file` is called on the
+/// calling thread after each file (for progress and problem reports).
 pub fn replay(
     files: &[LogFile],
     rules: &RuleSet,
     opts: &ReplayOptions,
+    store: &Store,
     on_file: &mut dyn FnMut(&FileDone<'_>),
-) -> ReplayOutcome {
+) -> Result<ReplayOutcome, StoreError> {
     let started = Instant::now();
     let jobs = opts.jobs.clamp(1, files.len().max(1));
-    let next = AtomicUsize::new(0);
+    let dispatch = Dispatch {
+        state: Mutex::new((0, 0)),
+        moved: Condvar::new(),
+        window: jobs * 4,
+    };
     let bytes_total: u64 = files.iter().map(|f| f.size).sum();
     let mut stats = ReplayStats::default();
     let mut findings = Vec::new();
     let mut seen = HashSet::new();
+    let mut detector = opts.baselines.clone().map(Detector::new);
+    let with_baselines = detector.is_some();
+    let mut failure: Option<StoreError> = None;
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel::<(usize, FileReport, Vec<Finding>)>(jobs * 2);
+        let (tx, rx) = mpsc::sync_channel::<WorkerResult>(jobs * 4);
         for _ in 0..jobs {
             let tx = tx.clone();
-            let next = &next;
+            let dispatch = &dispatch;
             let limits = opts.limits;
             scope.spawn(move || {
                 let mut decoder = Decoder::new(limits);
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(file) = files.get(i) else { break };
+                while let Some(i) = dispatch.take(files.len()) {
+                    let file = &files[i];
                     let name = file.path.display().to_string();
                     let mut found = Vec::new();
+                    let mut observed = Vec::new();
                     let report = decoder.decode_file(&file.path, &mut |ev| {
                         rules.evaluate(ev, &name, &mut found);
+                        if with_baselines {
+                            observed.extend(baseline::observe(ev, &name));
+                        }
                     });
-                    if tx.send((i, report, found)).is_err() {
+                    if tx.send((i, report, found, observed)).is_err() {
                         break;
                     }
                 }
             });
         }
         drop(tx);
+        let mut pending: BTreeMap<usize, WorkerResult> = BTreeMap::new();
+        let mut ledger: Vec<String> = Vec::new();
+        let mut needed = 0;
         let mut bytes_done = 0;
-        for (n, (i, report, found)) in rx.into_iter().enumerate() {
-            let done = n + 1;
-            bytes_done += files[i].size;
-            let s = &report.stats;
-            stats.files += 1;
-            stats.bad_files += u64::from(report.is_bad());
-            stats.records += s.records;
-            stats.kms_records += s.kms_records;
-            stats.parsed_records += s.parsed;
-            stats.compressed_bytes += s.compressed_bytes;
-            stats.json_bytes += s.json_bytes;
-            for f in found {
-                if seen.insert(f.id.clone()) {
-                    findings.push(f);
-                } else {
-                    stats.duplicate_findings += 1;
-                }
+        let mut emit = |f: Finding, stats: &mut ReplayStats, findings: &mut Vec<Finding>| {
+            if seen.insert(f.id.clone()) {
+                findings.push(f);
+            } else {
+                stats.duplicate_findings += 1;
             }
-            on_file(&FileDone {
-                file: &files[i],
-                report: &report,
-                files_done: done,
-                files_total: files.len(),
-                bytes_done,
-                bytes_total,
-                started,
-            });
+        };
+        for result in rx {
+            pending.insert(result.0, result);
+            while let Some((i, report, found, mut observed)) = pending.remove(&needed) {
+                needed += 1;
+                dispatch.advance(needed);
+                bytes_done += files[i].size;
+                let s = &report.stats;
+                stats.files += 1;
+                stats.bad_files += u64::from(report.is_bad());
+                stats.records += s.records;
+                stats.kms_records += s.kms_records;
+                stats.parsed_records += s.parsed;
+                stats.compressed_bytes += s.compressed_bytes;
+                stats.json_bytes += s.json_bytes;
+                if !opts.learn_only {
+                    for f in found {
+                        emit(f, &mut stats, &mut findings);
+                    }
+                }
+                if let (Some(det), None) = (detector.as_mut(), failure.as_ref()) {
+                    observed.sort_by_key(|o| o.time);
+                    let mut step = || -> Result<(), StoreError> {
+                        match learn_file(det, store, &files[i], &observed, !opts.learn_only)? {
+                            Some(anomalies) => {
+                                ledger.push(ledger_key(&files[i]));
+                                for f in anomalies {
+                                    emit(f, &mut stats, &mut findings);
+                                }
+                            }
+                            None => stats.files_already_learned += 1,
+                        }
+                        // Commit every 64 files: their ledger entries and the baselines
+                        // they changed land together or not at all.
+                        if ledger.len() >= 64 {
+                            commit_batch(det, store, &mut ledger)?;
+                        }
+                        Ok(())
+                    };
+                    if let Err(e) = step() {
+                        failure = Some(e);
+                        dispatch.stop();
+                    }
+                }
+                on_file(&FileDone {
+                    file: &files[i],
+                    report: &report,
+                    files_done: needed,
+                    files_total: files.len(),
+                    bytes_done,
+                    bytes_total,
+                    started,
+                });
+            }
+        }
+        if let (Some(det), None) = (detector.as_mut(), failure.as_ref()) {
+            let spikes = det.flush(!opts.learn_only);
+            match commit_batch(det, store, &mut ledger) {
+                Ok(()) => {
+                    for f in spikes {
+                        emit(f, &mut stats, &mut findings);
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
         }
     });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    store.flush()?;
     findings.sort_by(|a, b| (&a.time, &a.rule, &a.id).cmp(&(&b.time, &b.rule, &b.id)));
     stats.findings = findings.len() as u64;
+    stats.principals = store.baseline_count() as u64;
     stats.elapsed_secs = started.elapsed().as_secs_f64();
     stats.peak_rss_bytes = peak_rss_bytes();
-    ReplayOutcome { findings, stats }
+    Ok(ReplayOutcome { findings, stats })
+}
+
+fn encode_dirty(det: &mut Detector) -> Vec<(String, Option<Vec<u8>>)> {
+    det.take_dirty()
+        .into_iter()
+        .map(|(p, b)| (p, Some(store::encode(&b))))
+        .collect()
+}
+
+fn commit_batch(
+    det: &mut Detector,
+    store: &Store,
+    ledger: &mut Vec<String>,
+) -> Result<(), StoreError> {
+    store.commit(&Commit {
+        ledger: std::mem::take(ledger),
+        baselines: encode_dirty(det),
+        outbox: Vec::new(),
+    })?;
+    det.trim_cache(100_000);
+    Ok(())
+}
+
+/// Runs one file's observations through the detectors (the caller commits). None when
+/// the ledger says the file was learned before.
+fn learn_file(
+    det: &mut Detector,
+    store: &Store,
+    file: &LogFile,
+    observed: &[Observation],
+    report: bool,
+) -> Result<Option<Vec<Finding>>, StoreError> {
+    if store.ledger_contains(&ledger_key(file))? {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for o in observed {
+        if !det.is_cached(&o.principal) {
+            if let Some(raw) = store.baseline_raw(&o.principal)? {
+                let b: Baseline = store::decode("baselines", &o.principal, &raw)?;
+                det.load(o.principal.clone(), b);
+            }
+        }
+        out.extend(det.observe(o, report));
+    }
+    Ok(Some(out))
 }
 
 /// VmHWM from /proc/self/status (Linux); None elsewhere.

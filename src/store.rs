@@ -163,6 +163,11 @@ impl Store {
         })
     }
 
+    /// Deletes a principal's baseline; true when there was one.
+    pub fn forget_baseline(&self, principal: &str) -> Result<bool, StoreError> {
+        Ok(self.baselines.remove(principal)?.is_some())
+    }
+
     pub fn baseline_count(&self) -> usize {
         self.baselines.len()
     }

@@ -2,6 +2,7 @@
 //! condition language, `predicates` the named checks rules call, `finding` the output
 //! type. Analysis does no I/O.
 
+pub mod baseline;
 pub mod finding;
 pub mod matcher;
 pub mod predicates;

@@ -55,6 +55,9 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<(Vec<LogFile>, u64), SourceErr
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out.dedup_by(|a, b| a.path == b.path);
+    // Time order across accounts and regions (baselines depend on it): CloudTrail names
+    // files `..._CloudTrail_<region>_YYYYMMDDTHHMMZ_<id>.json.gz`.
+    out.sort_by_cached_key(|f| (time_stamp(&f.path).unwrap_or_default(), f.path.clone()));
     Ok((out, digests))
 }
 
@@ -83,6 +86,30 @@ fn walk(dir: &Path, out: &mut Vec<LogFile>, digests: &mut u64) -> Result<(), Sou
         }
     }
     Ok(())
+}
+
+/// The `YYYYMMDDTHHMMZ` stamp in a CloudTrail file name.
+pub fn time_stamp(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    name.split('_')
+        .find(|part| {
+            part.len() == 14
+                && part.as_bytes()[8] == b'T'
+                && part.ends_with('Z')
+                && part[..8].bytes().all(|b| b.is_ascii_digit())
+        })
+        .map(str::to_string)
+}
+
+/// The ledger key of a local file: path, size and modification time.
+pub fn ledger_key(f: &LogFile) -> String {
+    let mtime = std::fs::metadata(&f.path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
+    format!("file:{}:{}:{mtime}", path.display(), f.size)
 }
 
 fn count_files(dir: &Path) -> u64 {
