@@ -25,6 +25,20 @@ pub enum Command {
     /// List the rules or run their inline tests.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Run the daemon: long-poll SQS for new CloudTrail files, analyze them, deliver findings.
+    #[command(
+        after_help = "Examples:\n  kmsguard run --config /etc/kmsguard/kmsguard.toml\n  kmsguard run --config kmsguard.toml --log-format json\n\nSIGTERM stops it gracefully, SIGHUP reloads the rules. See docs/daemon.md.\nExit codes: 0 stopped cleanly; 2 invalid configuration or rules; 3 runtime failure."
+    )]
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Log format on stderr [default: text on a terminal, json otherwise].
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Validate a daemon configuration file (and its rules) without starting.
+    #[command(after_help = "Examples:\n  kmsguard check-config /etc/kmsguard/kmsguard.toml")]
+    CheckConfig { file: PathBuf },
     /// Show, export or forget what kmsguard believes is normal per principal.
     #[command(subcommand)]
     Baseline(BaselineCommand),
@@ -43,6 +57,12 @@ pub enum Format {
     Jsonl,
     /// An aligned table and a summary (default on a terminal).
     Table,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,12 +7,15 @@
 
 pub mod analyze;
 pub mod aws;
+pub mod config;
+pub mod daemon;
 pub mod decode;
 pub mod event;
 pub mod pipeline;
 pub mod report;
 pub mod source;
 pub mod store;
+pub mod telemetry;
 
 pub use analyze::finding::{Finding, Kind, Severity};
 pub use analyze::rule::RuleSet;

@@ -6,7 +6,9 @@ mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{BaselineCommand, Cli, Command, Format, ReplayArgs, RulesCommand, SummaryFormat};
+use cli::{
+    BaselineCommand, Cli, Command, Format, LogFormat, ReplayArgs, RulesCommand, SummaryFormat,
+};
 use kmsguard::analyze::baseline::BaselineConfig;
 use kmsguard::decode::records::ScanLimits;
 use kmsguard::decode::DecodeLimits;
@@ -24,6 +26,8 @@ fn main() -> ExitCode {
         Command::Rules(RulesCommand::Test { file }) => rules_test(file),
         Command::BenchInflate { paths } => bench_inflate(paths),
         Command::Baseline(cmd) => baseline(cmd),
+        Command::Run { config, log_format } => run_daemon(config, log_format),
+        Command::CheckConfig { file } => check_config(file),
     };
     match result {
         Ok(code) => code,
@@ -285,4 +289,44 @@ fn baseline(cmd: BaselineCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(file: std::path::PathBuf) -> Result<ExitCode> {
+    let cfg = kmsguard::config::Config::load(&file)?;
+    let rules = kmsguard::daemon::load_rules(&cfg)?;
+    println!(
+        "{}: ok ({} queue(s), {} file sink(s), {} rules from {}, state in {})",
+        file.display(),
+        cfg.sqs.len(),
+        cfg.file_sinks.len(),
+        rules.rules().len(),
+        rules.origin,
+        cfg.state_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_daemon(file: std::path::PathBuf, log_format: Option<LogFormat>) -> Result<ExitCode> {
+    let json = match log_format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => !std::io::stderr().is_terminal(),
+    };
+    kmsguard::telemetry::init_logs(json);
+    // Validate everything before any task starts.
+    let cfg = kmsguard::config::Config::load(&file)?;
+    kmsguard::daemon::load_rules(&cfg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kmsguard")
+        .build()
+        .context("cannot start the async runtime")?;
+    match runtime.block_on(kmsguard::daemon::run(cfg)) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!(error = %e, "kmsguard stopped on an error");
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(3))
+        }
+    }
 }

@@ -126,6 +126,38 @@ impl Dispatch {
     }
 }
 
+/// What decoding and rule evaluation make of one log file.
+pub struct Analysis {
+    pub report: FileReport,
+    pub findings: Vec<Finding>,
+    pub observations: Vec<Observation>,
+}
+
+/// Decodes one input with `decode` (a `Decoder` method) and runs the rules on every
+/// event; collects baseline observations too when `with_baselines`. The one analysis
+/// path of replay and the daemon.
+pub fn analyze(
+    rules: &RuleSet,
+    name: &str,
+    with_baselines: bool,
+    decode: impl FnOnce(&mut dyn FnMut(&crate::event::Event<'_>)) -> FileReport,
+) -> Analysis {
+    let mut findings = Vec::new();
+    let mut observations = Vec::new();
+    let report = decode(&mut |ev| {
+        rules.evaluate(ev, name, &mut findings);
+        if with_baselines {
+            observations.extend(baseline::observe(ev, name));
+        }
+    });
+    observations.sort_by_key(|o| o.time);
+    Analysis {
+        report,
+        findings,
+        observations,
+    }
+}
+
 type WorkerResult = (usize, FileReport, Vec<Finding>, Vec<Observation>);
 
 /// Replays `files` through `rules` and (when enabled) the baseline detectors, whose state
@@ -164,15 +196,10 @@ pub fn replay(
                 while let Some(i) = dispatch.take(files.len()) {
                     let file = &files[i];
                     let name = file.path.display().to_string();
-                    let mut found = Vec::new();
-                    let mut observed = Vec::new();
-                    let report = decoder.decode_file(&file.path, &mut |ev| {
-                        rules.evaluate(ev, &name, &mut found);
-                        if with_baselines {
-                            observed.extend(baseline::observe(ev, &name));
-                        }
+                    let a = analyze(rules, &name, with_baselines, |on_event| {
+                        decoder.decode_file(&file.path, on_event)
                     });
-                    if tx.send((i, report, found, observed)).is_err() {
+                    if tx.send((i, a.report, a.findings, a.observations)).is_err() {
                         break;
                     }
                 }
@@ -192,7 +219,7 @@ pub fn replay(
         };
         for result in rx {
             pending.insert(result.0, result);
-            while let Some((i, report, found, mut observed)) = pending.remove(&needed) {
+            while let Some((i, report, found, observed)) = pending.remove(&needed) {
                 needed += 1;
                 dispatch.advance(needed);
                 bytes_done += files[i].size;
@@ -210,11 +237,11 @@ pub fn replay(
                     }
                 }
                 if let (Some(det), None) = (detector.as_mut(), failure.as_ref()) {
-                    observed.sort_by_key(|o| o.time);
+                    let key = ledger_key(&files[i]);
                     let mut step = || -> Result<(), StoreError> {
-                        match learn_file(det, store, &files[i], &observed, !opts.learn_only)? {
+                        match learn(det, store, &key, &observed, !opts.learn_only)? {
                             Some(anomalies) => {
-                                ledger.push(ledger_key(&files[i]));
+                                ledger.push(key.clone());
                                 for f in anomalies {
                                     emit(f, &mut stats, &mut findings);
                                 }
@@ -283,22 +310,22 @@ fn commit_batch(
     store.commit(&Commit {
         ledger: std::mem::take(ledger),
         baselines: encode_dirty(det),
-        outbox: Vec::new(),
+        ..Commit::default()
     })?;
     det.trim_cache(100_000);
     Ok(())
 }
 
-/// Runs one file's observations through the detectors (the caller commits). None when
-/// the ledger says the file was learned before.
-fn learn_file(
+/// Runs one input's observations through the detectors (the caller commits them with
+/// `ledger_key`). None when the ledger says the input was learned before.
+pub fn learn(
     det: &mut Detector,
     store: &Store,
-    file: &LogFile,
+    ledger_key: &str,
     observed: &[Observation],
     report: bool,
 ) -> Result<Option<Vec<Finding>>, StoreError> {
-    if store.ledger_contains(&ledger_key(file))? {
+    if store.ledger_contains(ledger_key)? {
         return Ok(None);
     }
     let mut out = Vec::new();
@@ -312,6 +339,11 @@ fn learn_file(
         out.extend(det.observe(o, report));
     }
     Ok(Some(out))
+}
+
+/// The dirty baselines of `det`, serialized for a `Commit`.
+pub fn dirty_baselines(det: &mut Detector) -> Vec<(String, Option<Vec<u8>>)> {
+    encode_dirty(det)
 }
 
 /// VmHWM from /proc/self/status (Linux); None elsewhere.

@@ -35,11 +35,23 @@ pub enum StoreError {
     Temp(std::io::Error),
 }
 
+const LEDGER_OK: &[u8] = b"ok";
+const LEDGER_FAILED: &[u8] = b"failed";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerStatus {
+    Done,
+    Failed,
+}
+
 /// Everything one processed input changes, committed atomically.
 #[derive(Debug, Default)]
 pub struct Commit {
     /// Ledger entries to record (e.g. `file:/path:size:mtime` or `s3:bucket/key:etag`).
     pub ledger: Vec<String>,
+    /// Ledger entries of inputs that failed for good (corrupt, gone): redeliveries of
+    /// them are not analyzed again.
+    pub failed: Vec<String>,
     /// Baselines to write (principal -> serialized baseline), `None` to delete.
     pub baselines: Vec<(String, Option<Vec<u8>>)>,
     /// Outbox entries (id -> serialized record).
@@ -48,7 +60,10 @@ pub struct Commit {
 
 impl Commit {
     pub fn is_empty(&self) -> bool {
-        self.ledger.is_empty() && self.baselines.is_empty() && self.outbox.is_empty()
+        self.ledger.is_empty()
+            && self.failed.is_empty()
+            && self.baselines.is_empty()
+            && self.outbox.is_empty()
     }
 }
 
@@ -145,6 +160,22 @@ impl Store {
         Ok(self.ledger.contains_key(key)?)
     }
 
+    /// Whether an input was processed, and how it ended.
+    pub fn ledger_status(&self, key: &str) -> Result<Option<LedgerStatus>, StoreError> {
+        Ok(self.ledger.get(key)?.map(|v| {
+            if v.as_ref() == LEDGER_FAILED {
+                LedgerStatus::Failed
+            } else {
+                LedgerStatus::Done
+            }
+        }))
+    }
+
+    /// A number that grows with every call, across restarts (orders outbox entries).
+    pub fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
     pub fn ledger_len(&self) -> usize {
         self.ledger.len()
     }
@@ -181,7 +212,10 @@ impl Store {
             (&self.ledger, &self.baselines, &self.outbox).transaction(
                 |(ledger, baselines, outbox)| {
                     for k in &c.ledger {
-                        ledger.insert(k.as_bytes(), &[1u8][..])?;
+                        ledger.insert(k.as_bytes(), LEDGER_OK)?;
+                    }
+                    for k in &c.failed {
+                        ledger.insert(k.as_bytes(), LEDGER_FAILED)?;
                     }
                     for (k, v) in &c.baselines {
                         match v {
@@ -271,6 +305,7 @@ mod tests {
             let s = Store::open(dir.path()).unwrap();
             s.commit(&Commit {
                 ledger: vec!["file:a".into()],
+                failed: vec!["file:b".into()],
                 baselines: vec![("p".into(), Some(b"{}".to_vec()))],
                 outbox: vec![("0001".into(), b"x".to_vec())],
             })
@@ -279,6 +314,12 @@ mod tests {
         }
         let s = Store::open(dir.path()).unwrap();
         assert!(s.ledger_contains("file:a").unwrap());
+        assert_eq!(
+            s.ledger_status("file:b").unwrap(),
+            Some(LedgerStatus::Failed)
+        );
+        assert_eq!(s.ledger_status("file:a").unwrap(), Some(LedgerStatus::Done));
+        assert!(s.next_id().unwrap() < s.next_id().unwrap());
         assert_eq!(s.baseline_raw("p").unwrap().unwrap(), b"{}");
         assert_eq!(s.outbox_len(), 1);
     }

@@ -3,5 +3,6 @@
 //! beyond the name carried into findings.
 
 pub mod files;
+pub mod notification;
 
 pub use files::{collect_files, LogFile, SourceError};

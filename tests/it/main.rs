@@ -2,6 +2,7 @@
 //! (ctgen corpora, the shipped samples, ctgen's malformed inputs).
 
 mod baselines;
+mod daemon;
 mod moto_smoke;
 mod replay;
 mod rules_cli;

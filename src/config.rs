@@ -1,0 +1,350 @@
+//! The daemon's configuration file: `RawConfig` (serde, unknown keys rejected) is
+//! validated into `Config` with errors that name the key and the fix, before any task
+//! starts (`kmsguard check-config FILE` runs exactly this).
+
+use crate::analyze::baseline::BaselineConfig;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: String, problems: Vec<String> },
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub aws: RawAws,
+    pub state: Option<RawState>,
+    #[serde(default)]
+    pub rules: RawRules,
+    #[serde(default)]
+    pub sources: RawSources,
+    #[serde(default)]
+    pub sinks: RawSinks,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
+    pub baseline: BaselineConfig,
+    #[serde(default)]
+    pub daemon: RawDaemon,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAws {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// Path-style S3 URLs (default: on when an endpoint is set).
+    pub s3_force_path_style: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRules {
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub extra: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSources {
+    #[serde(default)]
+    pub sqs: Vec<RawSqs>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSqs {
+    pub queue_url: String,
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSinks {
+    #[serde(default)]
+    pub file: Vec<RawFileSink>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileSink {
+    pub path: PathBuf,
+    /// Lowest severity written (default: info, everything).
+    pub min_severity: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    /// Objects downloaded and analyzed at once (default 4).
+    pub files_in_flight: Option<usize>,
+    /// SQS visibility timeout while a message is worked on, seconds (default 120);
+    /// extended every third of it while a file is in progress.
+    pub visibility_timeout_secs: Option<i32>,
+    /// Seconds to finish in-flight work after SIGTERM (default 20).
+    pub shutdown_grace_secs: Option<u64>,
+    /// What to do with a message whose file failed permanently (object gone, access
+    /// denied, corrupt): "dead-letter" (leave it for the queue's DLQ; default) or "delete".
+    pub on_permanent_error: Option<String>,
+    /// Largest object downloaded, bytes (default 1 GiB).
+    pub max_object_bytes: Option<u64>,
+    /// Tries of a transient error (throttling, 5xx, timeouts) before the message is
+    /// released for SQS to redeliver (default 4).
+    pub transient_retries: Option<u32>,
+}
+
+/// What to do with messages of permanently failed files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPermanent {
+    DeadLetter,
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct SqsSourceConfig {
+    pub queue_url: String,
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FileSinkConfig {
+    pub path: PathBuf,
+    pub min_severity: crate::Severity,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub aws: crate::aws::AwsSettings,
+    pub state_dir: PathBuf,
+    pub rules_path: Option<PathBuf>,
+    pub extra_rules: Vec<PathBuf>,
+    pub sqs: Vec<SqsSourceConfig>,
+    pub file_sinks: Vec<FileSinkConfig>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub baseline: BaselineConfig,
+    pub files_in_flight: usize,
+    pub visibility_timeout_secs: i32,
+    pub shutdown_grace_secs: u64,
+    pub on_permanent_error: OnPermanent,
+    pub max_object_bytes: u64,
+    pub transient_retries: u32,
+}
+
+/// The region in an SQS queue URL (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`).
+pub fn region_of_queue_url(url: &str) -> Option<String> {
+    let host = url.split("://").nth(1)?.split('/').next()?;
+    let mut parts = host.split('.');
+    match (parts.next(), parts.next()) {
+        (Some("sqs"), Some(region)) if region.contains('-') => Some(region.to_string()),
+        _ => None,
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: p.clone(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let mut problems = Vec::new();
+        let endpoint = raw.aws.endpoint_url.clone().or_else(|| {
+            std::env::var("AWS_ENDPOINT_URL")
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
+        if let Some(e) = &endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                problems.push(format!(
+                    "[aws] endpoint_url = \"{e}\": use a URL such as http://127.0.0.1:5000"
+                ));
+            }
+        }
+        let state_dir = match &raw.state {
+            Some(s) => s.dir.clone(),
+            None => {
+                problems.push("[state] dir is missing: set it to a writable folder, e.g. dir = \"/var/lib/kmsguard\" (systemd's StateDirectory)".into());
+                PathBuf::new()
+            }
+        };
+        if raw.sources.sqs.is_empty() {
+            problems.push("no [[sources.sqs]]: add at least one queue_url of the queue that receives the trail bucket's notifications".into());
+        }
+        let mut sqs = Vec::new();
+        for (i, q) in raw.sources.sqs.iter().enumerate() {
+            if !(q.queue_url.starts_with("http://") || q.queue_url.starts_with("https://")) {
+                problems.push(format!(
+                    "[[sources.sqs]] #{}: queue_url = \"{}\" is not a queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)",
+                    i + 1,
+                    q.queue_url
+                ));
+            }
+            sqs.push(SqsSourceConfig {
+                queue_url: q.queue_url.clone(),
+                region: q
+                    .region
+                    .clone()
+                    .or_else(|| region_of_queue_url(&q.queue_url)),
+            });
+        }
+        let mut file_sinks = Vec::new();
+        for (i, f) in raw.sinks.file.iter().enumerate() {
+            let min_severity = match f.min_severity.as_deref().map(str::parse::<crate::Severity>) {
+                None => crate::Severity::Info,
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
+                    problems.push(format!("[[sinks.file]] #{}: min_severity: {e}", i + 1));
+                    crate::Severity::Info
+                }
+            };
+            file_sinks.push(FileSinkConfig {
+                path: f.path.clone(),
+                min_severity,
+            });
+        }
+        if file_sinks.is_empty() {
+            problems.push("no sink: add [[sinks.file]] path = \"/var/lib/kmsguard/findings.jsonl\" so findings go somewhere".into());
+        }
+        let metrics_listen = match raw.metrics.listen.as_deref() {
+            None => None,
+            Some(s) => match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    problems.push(format!(
+                        "[metrics] listen = \"{s}\": use IP:PORT, e.g. \"127.0.0.1:9464\""
+                    ));
+                    None
+                }
+            },
+        };
+        let d = &raw.daemon;
+        let on_permanent_error = match d.on_permanent_error.as_deref() {
+            None | Some("dead-letter") => OnPermanent::DeadLetter,
+            Some("delete") => OnPermanent::Delete,
+            Some(o) => {
+                problems.push(format!(
+                    "[daemon] on_permanent_error = \"{o}\": use \"dead-letter\" or \"delete\""
+                ));
+                OnPermanent::DeadLetter
+            }
+        };
+        let visibility = d.visibility_timeout_secs.unwrap_or(120);
+        if !(10..=43_200).contains(&visibility) {
+            problems.push(format!(
+                "[daemon] visibility_timeout_secs = {visibility}: use 10 to 43200 seconds"
+            ));
+        }
+        let files_in_flight = d.files_in_flight.unwrap_or(4);
+        if files_in_flight == 0 || files_in_flight > 256 {
+            problems.push(format!(
+                "[daemon] files_in_flight = {files_in_flight}: use 1 to 256"
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid { path: p, problems });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            aws: crate::aws::AwsSettings {
+                region: raw.aws.region.clone(),
+                s3_force_path_style: raw.aws.s3_force_path_style.unwrap_or(endpoint.is_some()),
+                endpoint_url: endpoint,
+            },
+            state_dir,
+            rules_path: raw.rules.path.clone(),
+            extra_rules: raw.rules.extra.clone(),
+            sqs,
+            file_sinks,
+            metrics_listen,
+            baseline: raw.baseline.clone(),
+            files_in_flight,
+            visibility_timeout_secs: visibility,
+            shutdown_grace_secs: d.shutdown_grace_secs.unwrap_or(20),
+            on_permanent_error,
+            max_object_bytes: d.max_object_bytes.unwrap_or(1 << 30),
+            transient_retries: d.transient_retries.unwrap_or(4),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issue_example_is_valid() {
+        let text = r#"
+[aws]
+region = "us-east-1"
+[state]
+dir = "/var/lib/kmsguard"
+[rules]
+path = "/etc/kmsguard/rules.toml"
+[[sources.sqs]]
+queue_url = "https://sqs.us-east-1.amazonaws.com/111122223333/cloudtrail-files"
+[[sinks.file]]
+path = "/var/lib/kmsguard/findings.jsonl"
+[metrics]
+listen = "127.0.0.1:9464"
+"#;
+        let c = Config::parse(text, Path::new("k.toml")).unwrap();
+        assert_eq!(c.sqs[0].region.as_deref(), Some("us-east-1"));
+        assert_eq!(c.metrics_listen.unwrap().port(), 9464);
+        assert_eq!(c.on_permanent_error, OnPermanent::DeadLetter);
+    }
+
+    #[test]
+    fn every_problem_names_the_key_and_the_fix() {
+        let text = "[metrics]\nlisten = \"everywhere\"\n[daemon]\non_permanent_error = \"shrug\"\n";
+        let e = Config::parse(text, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[state] dir is missing"), "{e}");
+        assert!(e.contains("no [[sources.sqs]]"), "{e}");
+        assert!(
+            e.contains("[metrics] listen = \"everywhere\": use IP:PORT"),
+            "{e}"
+        );
+        assert!(e.contains("\"dead-letter\" or \"delete\""), "{e}");
+        let e = Config::parse("[sate]\ndir = \"x\"\n", Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `sate`"), "{e}");
+    }
+}

@@ -1,0 +1,977 @@
+//! `kmsguard run`: the long-running service. Long-polls SQS for notifications of new
+//! CloudTrail files, fetches each file from S3, runs it through the same analysis as
+//! replay (`pipeline::analyze`), and commits the file's ledger entry, baseline changes
+//! and findings (into the outbox) in one transaction before the message is deleted.
+//! A separate loop delivers the outbox to the sinks and removes an entry only once its
+//! sink accepted it. So a crash at any moment loses nothing: an uncommitted file is
+//! redelivered by SQS, a committed one is skipped by the ledger, and an undelivered
+//! finding waits in the outbox (a finding may be delivered twice, with the same id).
+//!
+//! Tasks: one receiver per queue (bounded by a semaphore of `files_in_flight`), one task
+//! per message (download, then decode on the blocking pool), one analyzer thread that
+//! owns the baselines and does every commit (so commits are serialized), one outbox
+//! deliverer, the metrics endpoint, and the signal handler (SIGTERM: stop receiving,
+//! finish or release in-flight messages within the grace period, flush, exit 0; SIGHUP:
+//! reload rules, keeping the old ones if the new ones are invalid).
+
+use crate::analyze::baseline::Detector;
+use crate::analyze::finding::{finding_id, Finding, Kind, Severity};
+use crate::config::{Config, OnPermanent};
+use crate::decode::{DecodeLimits, Decoder};
+use crate::pipeline::{self, Analysis};
+use crate::source::notification::{parse_body, Notice, ObjectRef};
+use crate::store::{Commit, LedgerStatus, Store, StoreError};
+use crate::telemetry::{now_secs, Metrics, Notifier};
+use crate::RuleSet;
+use aws_sdk_s3::error::ProvideErrorMetadata;
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tracing::{error, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Rules(#[from] crate::analyze::rule::RulesError),
+    #[error("cannot listen for metrics on {addr}: {source} (change [metrics] listen)")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Why a file could not be analyzed.
+#[derive(Debug)]
+enum FileError {
+    /// Worth another try later (throttling, 5xx, timeouts, a store hiccup).
+    Transient(String),
+    /// Will not get better (gone, access denied, corrupt): reported as a health finding.
+    Permanent,
+}
+
+struct Job {
+    key: String,
+    analysis: Option<Analysis>,
+    health: Vec<Finding>,
+    failed: bool,
+    reply: oneshot::Sender<Result<JobOutcome, StoreError>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum JobOutcome {
+    Committed,
+    AlreadyDone,
+    AlreadyFailed,
+}
+
+struct Shared {
+    cfg: Config,
+    rules: RwLock<Arc<RuleSet>>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    s3: aws_sdk_s3::Client,
+    jobs: mpsc::Sender<Job>,
+    outbox: Arc<Notify>,
+    limits: DecodeLimits,
+    /// Receipt handles of messages being worked on, to release them on shutdown.
+    in_flight: Mutex<HashMap<u64, (aws_sdk_sqs::Client, String, String)>>,
+}
+
+/// A health finding: something about kmsguard's own operation an operator must see.
+pub fn health(rule: &str, severity: Severity, subject: &str, summary: String) -> Finding {
+    Finding {
+        id: finding_id(rule, &[subject.to_string()]),
+        kind: Kind::Health,
+        rule: rule.to_string(),
+        severity,
+        title: "kmsguard could not process an input".into(),
+        summary: crate::analyze::rule::clean(&summary, 600).collect(),
+        event_ids: Vec::new(),
+        event_name: String::new(),
+        event_source: String::new(),
+        time: iso_now(),
+        principal: None,
+        principal_role: None,
+        account: None,
+        region: None,
+        keys: Vec::new(),
+        source_ip: None,
+        user_agent: None,
+        error_code: None,
+        file: subject.to_string(),
+        remediation: None,
+    }
+}
+
+fn iso_now() -> String {
+    let t = now_secs();
+    let (days, rem) = (t.div_euclid(86400), t.rem_euclid(86400));
+    // Civil from days (Howard Hinnant).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Loads the rules named by the config (built-in when none), plus extras.
+pub fn load_rules(cfg: &Config) -> Result<RuleSet, crate::analyze::rule::RulesError> {
+    let mut rules = RuleSet::load_or_builtin(cfg.rules_path.as_deref())?;
+    for extra in &cfg.extra_rules {
+        rules.extend(RuleSet::load(extra)?)?;
+    }
+    Ok(rules)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let rules = load_rules(&cfg)?;
+    let store = Store::open(&cfg.state_dir)?;
+    let sdk = crate::aws::sdk_config(&cfg.aws).await;
+    let s3 = crate::aws::s3_client(&sdk, &cfg.aws);
+    let metrics = Arc::new(Metrics::default());
+    metrics.beat();
+    metrics
+        .outbox_depth
+        .store(store.outbox_len() as i64, Ordering::Relaxed);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(cfg.files_in_flight * 2);
+    let shared = Arc::new(Shared {
+        rules: RwLock::new(Arc::new(rules)),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        s3,
+        jobs: jobs_tx,
+        outbox: Arc::new(Notify::new()),
+        limits: DecodeLimits::default(),
+        in_flight: Mutex::new(HashMap::new()),
+        cfg: cfg.clone(),
+    });
+
+    // The analyzer: a plain thread, the only writer of baselines and commits. It must
+    // not hold `Shared` (which owns the job sender), or the job channel would never close.
+    let analyzer = {
+        let shared = Committer {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            sinks: cfg.file_sinks.clone(),
+            outbox: shared.outbox.clone(),
+        };
+        let det = Detector::new(cfg.baseline.clone());
+        std::thread::Builder::new()
+            .name("kmsguard-analyzer".into())
+            .spawn(move || analyzer_loop(jobs_rx, shared, det))
+            .map_err(DaemonError::Signals)?
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Metrics {
+                addr: addr.to_string(),
+                source,
+            })?;
+        info!(%addr, "metrics on /metrics, health on /healthz");
+        tasks.spawn(crate::telemetry::serve_metrics(
+            listener,
+            metrics.clone(),
+            cfg.visibility_timeout_secs as i64 + 60,
+            shutdown_rx.clone(),
+        ));
+    }
+    let deliverer = tokio::spawn(deliver_loop(shared.clone(), shutdown_rx.clone()));
+
+    let notifier = Arc::new(Notifier::from_env());
+    let semaphore = Arc::new(Semaphore::new(cfg.files_in_flight));
+    let messages = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
+    let mut receivers = tokio::task::JoinSet::new();
+    for q in &cfg.sqs {
+        let sqs = crate::aws::sqs_client(&sdk, q.region.as_deref());
+        let on_permanent = check_queue(&sqs, &q.queue_url, cfg.on_permanent_error).await;
+        receivers.spawn(receive_loop(
+            shared.clone(),
+            sqs,
+            q.queue_url.clone(),
+            on_permanent,
+            semaphore.clone(),
+            messages.clone(),
+            notifier.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    notifier.notify("READY=1\nSTATUS=waiting for CloudTrail notifications");
+    info!(queues = cfg.sqs.len(), state = %cfg.state_dir.display(), "kmsguard running");
+
+    // Signals.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut status_tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => reload_rules(&shared),
+            _ = status_tick.tick() => {
+                let m = &metrics;
+                notifier.notify(&format!(
+                    "STATUS=files {} records {} KMS {} outbox {}",
+                    m.files_processed.load(Ordering::Relaxed),
+                    m.records.load(Ordering::Relaxed),
+                    m.kms_records.load(Ordering::Relaxed),
+                    m.outbox_depth.load(Ordering::Relaxed)
+                ));
+            }
+        }
+    }
+    notifier.notify("STOPPING=1");
+    let _ = shutdown_tx.send(true);
+    let grace = Duration::from_secs(cfg.shutdown_grace_secs);
+    let deadline = tokio::time::Instant::now() + grace;
+    while receivers.join_next().await.is_some() {}
+    // Finish in-flight messages within the grace period; release the rest.
+    let mut set = std::mem::take(&mut *messages.lock().unwrap_or_else(|e| e.into_inner()));
+    let finished =
+        tokio::time::timeout_at(deadline, async { while set.join_next().await.is_some() {} }).await;
+    if finished.is_err() {
+        set.abort_all();
+        let left: Vec<_> = shared
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, v)| v)
+            .collect();
+        warn!(
+            messages = left.len(),
+            "grace period over: releasing unfinished messages for redelivery"
+        );
+        for (sqs, queue, receipt) in left {
+            let _ = sqs
+                .change_message_visibility()
+                .queue_url(queue)
+                .receipt_handle(receipt)
+                .visibility_timeout(0)
+                .send()
+                .await;
+        }
+    }
+    // Deliver what is committed, within what is left of the grace period.
+    let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), deliverer).await;
+    drop(shared);
+    let _ = tokio::task::spawn_blocking(move || analyzer.join()).await;
+    tasks.abort_all();
+    store.flush()?;
+    info!("kmsguard stopped");
+    Ok(())
+}
+
+fn reload_rules(shared: &Shared) {
+    match load_rules(&shared.cfg) {
+        Ok(r) => {
+            info!(rules = r.rules().len(), "SIGHUP: rules reloaded");
+            *shared.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(r);
+        }
+        Err(e) => {
+            error!(error = %e, "SIGHUP: the new rules are invalid; keeping the old ones");
+            shared.metrics.error("rules-reload");
+        }
+    }
+}
+
+/// Without a redrive policy, "dead-letter" would redeliver a bad message forever.
+async fn check_queue(sqs: &aws_sdk_sqs::Client, url: &str, wanted: OnPermanent) -> OnPermanent {
+    if wanted == OnPermanent::Delete {
+        return wanted;
+    }
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy)
+        .send()
+        .await;
+    match attrs {
+        Ok(a)
+            if a.attributes().is_some_and(|m| {
+                m.contains_key(&aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy)
+            }) =>
+        {
+            wanted
+        }
+        Ok(_) => {
+            warn!(queue = url, "the queue has no dead-letter queue (RedrivePolicy): messages of permanently failed files will be deleted after their health finding; add a DLQ to keep them");
+            OnPermanent::Delete
+        }
+        Err(e) => {
+            warn!(queue = url, error = %e, "cannot read the queue's attributes; assuming it has a dead-letter queue");
+            wanted
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive_loop(
+    shared: Arc<Shared>,
+    sqs: aws_sdk_sqs::Client,
+    queue: String,
+    on_permanent: OnPermanent,
+    semaphore: Arc<Semaphore>,
+    messages: Arc<Mutex<tokio::task::JoinSet<()>>>,
+    notifier: Arc<Notifier>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new();
+    let mut next_task: u64 = 0;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        shared.metrics.beat();
+        if notifier.watchdog_every.is_some() {
+            notifier.notify("WATCHDOG=1");
+        }
+        // Take one slot (waiting for it), then any others free, up to SQS's batch of 10.
+        let first = tokio::select! {
+            p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let mut permits = vec![first];
+        while permits.len() < 10 {
+            match semaphore.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let receive = sqs
+            .receive_message()
+            .queue_url(&queue)
+            .max_number_of_messages(permits.len() as i32)
+            .wait_time_seconds(20)
+            .visibility_timeout(shared.cfg.visibility_timeout_secs)
+            .message_system_attribute_names(
+                aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount,
+            )
+            .send();
+        let resp = tokio::select! {
+            r = receive => r,
+            _ = shutdown.changed() => return,
+        };
+        let msgs = match resp {
+            Ok(r) => {
+                backoff.reset();
+                r.messages.unwrap_or_default()
+            }
+            Err(e) => {
+                shared.metrics.error("sqs-receive");
+                warn!(queue, error = %aws_sdk_sqs::error::DisplayErrorContext(&e), "cannot receive from SQS; retrying");
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+        };
+        for m in msgs {
+            let Some(permit) = permits.pop() else { break };
+            next_task += 1;
+            let id = next_task;
+            let shared = shared.clone();
+            let sqs = sqs.clone();
+            let queue = queue.clone();
+            messages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .spawn(async move {
+                    handle_message(&shared, &sqs, &queue, on_permanent, m, id).await;
+                    drop(permit);
+                });
+        }
+        // Reap finished message tasks so the set stays small.
+        let mut set = messages.lock().unwrap_or_else(|e| e.into_inner());
+        while set.try_join_next().is_some() {}
+    }
+}
+
+async fn handle_message(
+    shared: &Shared,
+    sqs: &aws_sdk_sqs::Client,
+    queue: &str,
+    on_permanent: OnPermanent,
+    m: aws_sdk_sqs::types::Message,
+    task: u64,
+) {
+    let m_id = m.message_id().unwrap_or("?").to_string();
+    let Some(receipt) = m.receipt_handle().map(str::to_string) else {
+        return;
+    };
+    shared
+        .metrics
+        .messages_received
+        .fetch_add(1, Ordering::Relaxed);
+    shared
+        .in_flight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(task, (sqs.clone(), queue.to_string(), receipt.clone()));
+    let outcome = match parse_body(m.body().unwrap_or("")) {
+        Ok(Notice::Test) => {
+            info!(message = m_id, "s3:TestEvent acknowledged");
+            Outcome::Done
+        }
+        Ok(Notice::Objects(objects)) => {
+            let extender = tokio::spawn(extend_visibility(
+                sqs.clone(),
+                queue.to_string(),
+                receipt.clone(),
+                shared.cfg.visibility_timeout_secs,
+            ));
+            let mut outcome = Outcome::Done;
+            for obj in objects {
+                if let Some(t) = obj
+                    .event_time
+                    .as_deref()
+                    .and_then(crate::analyze::baseline::parse_time)
+                {
+                    shared
+                        .metrics
+                        .newest_s3_time
+                        .fetch_max(t, Ordering::Relaxed);
+                }
+                match process_object(shared, &obj).await {
+                    Ok(()) => {}
+                    Err(FileError::Permanent) => outcome = Outcome::Permanent,
+                    Err(FileError::Transient(e)) => {
+                        warn!(message = m_id, object = %obj.url(), error = e, "transient failure: releasing the message for redelivery");
+                        outcome = Outcome::Release;
+                        break;
+                    }
+                }
+            }
+            extender.abort();
+            outcome
+        }
+        Err(e) => {
+            // Reported once (the ledger remembers the message id), never retried forever.
+            let key = format!("msg:{m_id}");
+            let f = health(
+                "health-unknown-message",
+                Severity::Low,
+                &key,
+                format!("SQS message {m_id} on {queue} is not a notification of new CloudTrail files: {e}"),
+            );
+            warn!(message = m_id, queue, error = %e, "unrecognized message body");
+            shared.metrics.error("unknown-message");
+            match submit(shared, key, None, vec![f], true).await {
+                Ok(_) => Outcome::Permanent,
+                Err(_) => Outcome::Release,
+            }
+        }
+    };
+    let result = match (outcome, on_permanent) {
+        (Outcome::Done, _) | (Outcome::Permanent, OnPermanent::Delete) => {
+            let r = sqs
+                .delete_message()
+                .queue_url(queue)
+                .receipt_handle(&receipt)
+                .send()
+                .await;
+            if r.is_ok() {
+                shared
+                    .metrics
+                    .messages_deleted
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            r.map(|_| ())
+                .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
+        }
+        (Outcome::Permanent, OnPermanent::DeadLetter) => {
+            // Visible again at once: each receive counts toward maxReceiveCount, after
+            // which SQS moves it to the dead-letter queue.
+            shared
+                .metrics
+                .messages_dead_lettered
+                .fetch_add(1, Ordering::Relaxed);
+            change_visibility(sqs, queue, &receipt, 0).await
+        }
+        (Outcome::Release, _) => {
+            shared
+                .metrics
+                .messages_released
+                .fetch_add(1, Ordering::Relaxed);
+            change_visibility(sqs, queue, &receipt, 15).await
+        }
+    };
+    if let Err(e) = result {
+        shared.metrics.error("sqs-ack");
+        warn!(message = m_id, error = e, "cannot acknowledge the message; SQS will redeliver it and the ledger will skip its files");
+    }
+    shared
+        .in_flight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&task);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    Permanent,
+    Release,
+}
+
+async fn change_visibility(
+    sqs: &aws_sdk_sqs::Client,
+    queue: &str,
+    receipt: &str,
+    secs: i32,
+) -> Result<(), String> {
+    sqs.change_message_visibility()
+        .queue_url(queue)
+        .receipt_handle(receipt)
+        .visibility_timeout(secs)
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| aws_sdk_sqs::error::DisplayErrorContext(e).to_string())
+}
+
+/// Keeps a message invisible while its files are worked on.
+async fn extend_visibility(sqs: aws_sdk_sqs::Client, queue: String, receipt: String, secs: i32) {
+    let every = Duration::from_secs((secs as u64 / 3).max(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = change_visibility(&sqs, &queue, &receipt, secs).await {
+            warn!(error = e, "cannot extend the message's visibility");
+        }
+    }
+}
+
+/// Downloads, analyzes and commits one object.
+async fn process_object(shared: &Shared, obj: &ObjectRef) -> Result<(), FileError> {
+    let key = obj.ledger_key();
+    match shared.store.ledger_status(&key) {
+        Ok(Some(LedgerStatus::Done)) => {
+            shared
+                .metrics
+                .files_duplicate
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        Ok(Some(LedgerStatus::Failed)) => return Err(FileError::Permanent),
+        Ok(None) => {}
+        Err(e) => return Err(FileError::Transient(e.to_string())),
+    }
+    shared
+        .metrics
+        .files_in_flight
+        .fetch_add(1, Ordering::Relaxed);
+    let result = fetch_and_analyze(shared, obj, key).await;
+    shared
+        .metrics
+        .files_in_flight
+        .fetch_sub(1, Ordering::Relaxed);
+    result
+}
+
+async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Result<(), FileError> {
+    let url = obj.url();
+    let mut backoff = Backoff::new();
+    let mut attempt = 0;
+    let bytes = loop {
+        attempt += 1;
+        match fetch(shared, obj).await {
+            Ok(b) => break b,
+            Err(Fetch::Transient(e)) if attempt <= shared.cfg.transient_retries => {
+                shared.metrics.error("s3-transient");
+                warn!(object = %url, attempt, error = e, "transient S3 error; retrying");
+                tokio::time::sleep(backoff.next()).await;
+            }
+            Err(Fetch::Transient(e)) => return Err(FileError::Transient(e)),
+            Err(Fetch::Permanent {
+                rule,
+                severity,
+                why,
+            }) => {
+                shared.metrics.error(rule);
+                shared.metrics.files_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(object = %url, error = why, "cannot read the object");
+                let f = health(rule, severity, &key, format!("{url}: {why}"));
+                return match submit(shared, key, None, vec![f], true).await {
+                    Ok(_) => Err(FileError::Permanent),
+                    Err(e) => Err(FileError::Transient(e)),
+                };
+            }
+        }
+    };
+    let rules = shared
+        .rules
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let limits = shared.limits;
+    let name = url.clone();
+    let gz_name = obj.key.ends_with(".gz");
+    let analysis = tokio::task::spawn_blocking(move || {
+        let mut decoder = Decoder::new(limits);
+        pipeline::analyze(&rules, &name, true, |on_event| {
+            decoder.decode_bytes(&bytes, gz_name, on_event)
+        })
+    })
+    .await
+    .map_err(|e| FileError::Transient(format!("analysis task failed: {e}")))?;
+    let mut health_findings = Vec::new();
+    let failed = analysis.report.is_bad();
+    if failed {
+        let problems: Vec<String> = analysis
+            .report
+            .problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        warn!(object = %url, problems = problems.join("; "), "damaged log file; its good records were analyzed");
+        shared.metrics.error("corrupt-file");
+        shared.metrics.files_failed.fetch_add(1, Ordering::Relaxed);
+        health_findings.push(health(
+            "health-corrupt-file",
+            Severity::Medium,
+            &key,
+            format!("{url}: {}", problems.join("; ")),
+        ));
+    }
+    match submit(shared, key, Some(analysis), health_findings, failed).await {
+        Ok(_) if failed => Err(FileError::Permanent),
+        Ok(_) => Ok(()),
+        Err(e) => Err(FileError::Transient(e)),
+    }
+}
+
+/// Hands a file's results to the analyzer and waits for the commit.
+async fn submit(
+    shared: &Shared,
+    key: String,
+    analysis: Option<Analysis>,
+    health: Vec<Finding>,
+    failed: bool,
+) -> Result<JobOutcome, String> {
+    let (reply, rx) = oneshot::channel();
+    shared
+        .jobs
+        .send(Job {
+            key,
+            analysis,
+            health,
+            failed,
+            reply,
+        })
+        .await
+        .map_err(|_| "the analyzer has stopped".to_string())?;
+    match rx.await {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) => {
+            shared.metrics.error("store");
+            Err(e.to_string())
+        }
+        Err(_) => Err("the analyzer has stopped".into()),
+    }
+}
+
+enum Fetch {
+    Transient(String),
+    Permanent {
+        rule: &'static str,
+        severity: Severity,
+        why: String,
+    },
+}
+
+async fn fetch(shared: &Shared, obj: &ObjectRef) -> Result<Vec<u8>, Fetch> {
+    let resp = shared
+        .s3
+        .get_object()
+        .bucket(&obj.bucket)
+        .key(&obj.key)
+        .send()
+        .await;
+    let out = match resp {
+        Ok(o) => o,
+        Err(e) => {
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            let code = e.code().unwrap_or("").to_string();
+            let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+            return Err(match (status, code.as_str()) {
+                (_, "NoSuchKey") | (Some(404), _) => Fetch::Permanent {
+                    rule: "health-object-missing",
+                    severity: Severity::Medium,
+                    why: format!("the object is gone (deleted before it was read?): {code}"),
+                },
+                (_, "AccessDenied") | (Some(403), _) => Fetch::Permanent {
+                    rule: "health-access-denied",
+                    severity: Severity::High,
+                    why: format!("access denied: give the daemon's role s3:GetObject on the trail prefix (docs/iam-policy.json): {code}"),
+                },
+                _ => Fetch::Transient(text),
+            });
+        }
+    };
+    if let Some(len) = out.content_length() {
+        if len as u64 > shared.cfg.max_object_bytes {
+            return Err(Fetch::Permanent {
+                rule: "health-object-too-large",
+                severity: Severity::Medium,
+                why: format!(
+                    "{len} bytes is over [daemon] max_object_bytes = {}",
+                    shared.cfg.max_object_bytes
+                ),
+            });
+        }
+    }
+    match out.body.collect().await {
+        Ok(b) => Ok(b.into_bytes().to_vec()),
+        Err(e) => Err(Fetch::Transient(format!("download interrupted: {e}"))),
+    }
+}
+
+/// What the analyzer thread needs: the store, metrics, sinks and the outbox signal.
+struct Committer {
+    store: Store,
+    metrics: Arc<Metrics>,
+    sinks: Vec<crate::config::FileSinkConfig>,
+    outbox: Arc<Notify>,
+}
+
+fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Detector) {
+    while let Some(job) = jobs.blocking_recv() {
+        let result = analyze_job(
+            &shared,
+            &mut det,
+            job.key,
+            job.analysis,
+            job.health,
+            job.failed,
+        );
+        if result.is_ok() {
+            shared.outbox.notify_one();
+        }
+        let _ = job.reply.send(result);
+    }
+}
+
+fn analyze_job(
+    shared: &Committer,
+    det: &mut Detector,
+    key: String,
+    analysis: Option<Analysis>,
+    health: Vec<Finding>,
+    failed: bool,
+) -> Result<JobOutcome, StoreError> {
+    match shared.store.ledger_status(&key)? {
+        Some(LedgerStatus::Done) => return Ok(JobOutcome::AlreadyDone),
+        Some(LedgerStatus::Failed) => return Ok(JobOutcome::AlreadyFailed),
+        None => {}
+    }
+    let mut findings = health;
+    if let Some(a) = &analysis {
+        findings.extend(a.findings.iter().cloned());
+        if let Some(anomalies) = pipeline::learn(det, &shared.store, &key, &a.observations, true)? {
+            findings.extend(anomalies);
+        }
+    }
+    // One outbox entry per (sink, finding), ordered by a growing sequence number.
+    let mut outbox = Vec::new();
+    for f in &findings {
+        let bytes = serde_json::to_vec(f).unwrap_or_default();
+        for (i, sink) in shared.sinks.iter().enumerate() {
+            if f.severity >= sink.min_severity {
+                let seq = shared.store.next_id()?;
+                outbox.push((format!("{i:04}/{seq:020}"), bytes.clone()));
+            }
+        }
+    }
+    let commit = Commit {
+        ledger: if failed {
+            Vec::new()
+        } else {
+            vec![key.clone()]
+        },
+        failed: if failed { vec![key] } else { Vec::new() },
+        baselines: pipeline::dirty_baselines(det),
+        outbox,
+    };
+    let n_outbox = commit.outbox.len() as i64;
+    shared.store.commit(&commit)?;
+    det.trim_cache(100_000);
+    let m = &shared.metrics;
+    m.outbox_depth.fetch_add(n_outbox, Ordering::Relaxed);
+    for f in &findings {
+        m.finding(&f.rule, f.severity.as_str());
+    }
+    if let Some(a) = &analysis {
+        let s = &a.report.stats;
+        if !failed {
+            m.files_processed.fetch_add(1, Ordering::Relaxed);
+        }
+        m.records.fetch_add(s.records, Ordering::Relaxed);
+        m.kms_records.fetch_add(s.kms_records, Ordering::Relaxed);
+        m.json_bytes.fetch_add(s.json_bytes, Ordering::Relaxed);
+        if let Some(t) = a.observations.iter().map(|o| o.time).max() {
+            m.newest_event_time.fetch_max(t, Ordering::Relaxed);
+        }
+    }
+    Ok(JobOutcome::Committed)
+}
+
+/// Delivers outbox entries to their sinks; an entry leaves the outbox only once its sink
+/// accepted it (file sink: written and fsynced).
+async fn deliver_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new();
+    loop {
+        let shared2 = shared.clone();
+        let result = tokio::task::spawn_blocking(move || deliver_batch(&shared2)).await;
+        match result {
+            Ok(Ok(0)) => {
+                if *shutdown.borrow() {
+                    return;
+                }
+                tokio::select! {
+                    _ = shared.outbox.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            Ok(Ok(n)) => {
+                backoff.reset();
+                shared
+                    .metrics
+                    .delivered
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .outbox_depth
+                    .store(shared.store.outbox_len() as i64, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => {
+                shared.metrics.error("sink-file");
+                warn!(
+                    error = e,
+                    "cannot deliver findings; they stay in the outbox and will be retried"
+                );
+                let wait = backoff.next();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn deliver_batch(shared: &Shared) -> Result<usize, String> {
+    let mut by_sink: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); shared.cfg.file_sinks.len()];
+    let mut n = 0;
+    for entry in shared.store.outbox_entries().take(1000) {
+        let (k, v) = entry.map_err(|e| e.to_string())?;
+        let sink: usize = k
+            .split('/')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(usize::MAX);
+        match by_sink.get_mut(sink) {
+            Some(list) => list.push((k, v)),
+            None => {
+                // A sink removed from the config: its entries cannot be delivered.
+                warn!(
+                    entry = k,
+                    "outbox entry for a sink no longer configured; dropping it"
+                );
+                shared.store.outbox_remove(&k).map_err(|e| e.to_string())?;
+            }
+        }
+        n += 1;
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut delivered = 0;
+    for (i, entries) in by_sink.into_iter().enumerate() {
+        if entries.is_empty() {
+            continue;
+        }
+        let path = &shared.cfg.file_sinks[i].path;
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            let mut buf = Vec::new();
+            for (_, v) in &entries {
+                buf.extend_from_slice(v);
+                buf.push(b'\n');
+            }
+            f.write_all(&buf)?;
+            f.sync_data()
+        };
+        write().map_err(|e| format!("file sink {}: {e}", path.display()))?;
+        for (k, _) in &entries {
+            shared.store.outbox_remove(k).map_err(|e| e.to_string())?;
+        }
+        delivered += entries.len();
+    }
+    Ok(delivered)
+}
+
+/// Capped exponential backoff with jitter: 0.5 s, 1 s, 2 s ... up to 30 s.
+struct Backoff {
+    n: u32,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { n: 0 }
+    }
+    fn reset(&mut self) {
+        self.n = 0;
+    }
+    fn next(&mut self) -> Duration {
+        let base = 500u64.saturating_mul(1 << self.n.min(6)).min(30_000);
+        self.n += 1;
+        // Jitter from the clock's nanoseconds: no RNG dependency needed for this.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64);
+        Duration::from_millis(base / 2 + nanos % (base / 2 + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn iso_now_is_iso() {
+        let s = super::iso_now();
+        assert_eq!(s.len(), 20);
+        assert_eq!(
+            crate::analyze::baseline::parse_time(&s).map(|t| (t - super::now_secs()).abs() < 5),
+            Some(true)
+        );
+    }
+}

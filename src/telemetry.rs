@@ -1,0 +1,271 @@
+//! What an operator sees of a running kmsguard: logs (tracing; human on a terminal,
+//! JSON for journald), metrics in Prometheus text format with `/healthz`, and the
+//! systemd notification protocol (READY, STATUS, WATCHDOG) spoken directly over
+//! `$NOTIFY_SOCKET`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sets up logging: JSON lines when `json`, human otherwise; `RUST_LOG` filters
+/// (default `info`).
+pub fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Counters and gauges of the daemon.
+#[derive(Default)]
+pub struct Metrics {
+    pub messages_received: AtomicU64,
+    pub messages_deleted: AtomicU64,
+    pub messages_released: AtomicU64,
+    pub messages_dead_lettered: AtomicU64,
+    pub files_processed: AtomicU64,
+    pub files_duplicate: AtomicU64,
+    pub files_failed: AtomicU64,
+    pub records: AtomicU64,
+    pub kms_records: AtomicU64,
+    pub json_bytes: AtomicU64,
+    pub files_in_flight: AtomicI64,
+    pub outbox_depth: AtomicI64,
+    pub delivered: AtomicU64,
+    /// Unix seconds of the newest eventTime seen, and of the newest S3 event time.
+    pub newest_event_time: AtomicI64,
+    pub newest_s3_time: AtomicI64,
+    /// Unix seconds of the last turn of a processing loop (liveness).
+    pub heartbeat: AtomicI64,
+    findings: Mutex<BTreeMap<(String, String), u64>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn finding(&self, rule: &str, severity: &str) {
+        let mut m = self.findings.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((rule.to_string(), severity.to_string()))
+            .or_default() += 1;
+    }
+
+    pub fn error(&self, kind: &str) {
+        let mut m = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(kind.to_string()).or_default() += 1;
+    }
+
+    pub fn beat(&self) {
+        self.heartbeat.store(now_secs(), Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            out.push_str(&format!("# HELP kmsguard_{name} {help}\n# TYPE kmsguard_{name} counter\nkmsguard_{name} {v}\n"));
+        };
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            "sqs_messages_received_total",
+            "SQS messages received.",
+            g(&self.messages_received),
+        );
+        counter(
+            "sqs_messages_deleted_total",
+            "SQS messages deleted after their files were committed.",
+            g(&self.messages_deleted),
+        );
+        counter(
+            "sqs_messages_released_total",
+            "SQS messages released for redelivery after transient errors.",
+            g(&self.messages_released),
+        );
+        counter(
+            "sqs_messages_dead_lettered_total",
+            "SQS messages left for the dead-letter queue.",
+            g(&self.messages_dead_lettered),
+        );
+        counter(
+            "files_processed_total",
+            "Log files analyzed and committed.",
+            g(&self.files_processed),
+        );
+        counter(
+            "files_duplicate_total",
+            "Notifications of files already processed (skipped).",
+            g(&self.files_duplicate),
+        );
+        counter(
+            "files_failed_total",
+            "Log files that failed permanently.",
+            g(&self.files_failed),
+        );
+        counter(
+            "records_total",
+            "CloudTrail records read.",
+            g(&self.records),
+        );
+        counter(
+            "kms_records_total",
+            "KMS records read.",
+            g(&self.kms_records),
+        );
+        counter(
+            "json_bytes_total",
+            "Bytes of decompressed CloudTrail JSON read.",
+            g(&self.json_bytes),
+        );
+        counter(
+            "findings_delivered_total",
+            "Findings accepted by sinks.",
+            g(&self.delivered),
+        );
+        out.push_str("# HELP kmsguard_findings_total Findings committed to the outbox, by rule and severity.\n# TYPE kmsguard_findings_total counter\n");
+        for ((rule, sev), n) in self
+            .findings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            out.push_str(&format!(
+                "kmsguard_findings_total{{rule=\"{rule}\",severity=\"{sev}\"}} {n}\n"
+            ));
+        }
+        out.push_str(
+            "# HELP kmsguard_errors_total Errors by kind.\n# TYPE kmsguard_errors_total counter\n",
+        );
+        for (kind, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            out.push_str(&format!("kmsguard_errors_total{{kind=\"{kind}\"}} {n}\n"));
+        }
+        let now = now_secs();
+        let lag = |t: i64| if t > 0 { (now - t).max(0) } else { 0 };
+        let gauges = [
+            (
+                "files_in_flight",
+                "Files being downloaded or analyzed.",
+                self.files_in_flight.load(Ordering::Relaxed),
+            ),
+            (
+                "outbox_depth",
+                "Findings waiting for delivery.",
+                self.outbox_depth.load(Ordering::Relaxed),
+            ),
+            (
+                "lag_event_seconds",
+                "Now minus the newest eventTime seen.",
+                lag(self.newest_event_time.load(Ordering::Relaxed)),
+            ),
+            (
+                "lag_s3_seconds",
+                "Now minus the newest S3 object event time seen.",
+                lag(self.newest_s3_time.load(Ordering::Relaxed)),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            out.push_str(&format!("# HELP kmsguard_{name} {help}\n# TYPE kmsguard_{name} gauge\nkmsguard_{name} {v}\n"));
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` (200 while a processing loop turned in the last
+/// `stale_secs`, else 503) until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    stale_secs: i64,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let accept = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((mut sock, _)) = accept else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", metrics.render()),
+                "/healthz" => {
+                    let age = now_secs() - metrics.heartbeat.load(Ordering::Relaxed);
+                    if age <= stale_secs {
+                        ("200 OK", "ok\n".to_string())
+                    } else {
+                        (
+                            "503 Service Unavailable",
+                            format!("processing loop silent for {age} s\n"),
+                        )
+                    }
+                }
+                _ => ("404 Not Found", "try /metrics or /healthz\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// The systemd notification socket, when run under `Type=notify`.
+pub struct Notifier {
+    socket: Option<(std::os::unix::net::UnixDatagram, std::path::PathBuf)>,
+    /// Half the watchdog interval, when systemd asked for pings.
+    pub watchdog_every: Option<std::time::Duration>,
+}
+
+impl Notifier {
+    pub fn from_env() -> Notifier {
+        let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|p| {
+            let path = std::path::PathBuf::from(p);
+            // Abstract sockets (leading '@') are not supported here; systemd uses a path.
+            if path.to_string_lossy().starts_with('@') {
+                return None;
+            }
+            std::os::unix::net::UnixDatagram::unbound()
+                .ok()
+                .map(|s| (s, path))
+        });
+        let watchdog_every = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|us| std::time::Duration::from_micros(us / 2));
+        Notifier {
+            socket,
+            watchdog_every,
+        }
+    }
+
+    pub fn notify(&self, state: &str) {
+        if let Some((sock, path)) = &self.socket {
+            let _ = sock.send_to(state.as_bytes(), path);
+        }
+    }
+}
