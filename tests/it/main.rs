@@ -3,6 +3,7 @@
 
 mod baselines;
 mod moto_smoke;
+mod posture;
 mod replay;
 mod rules_cli;
 mod support;
