@@ -305,8 +305,21 @@ const RETRYABLE_CODES: [&str; 6] = [
     "DependencyTimeoutException",
 ];
 
-fn sdk_retryable<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
-    matches!(e, SdkError::ServiceError(_)) && e.code().is_some_and(|c| RETRYABLE_CODES.contains(&c))
+/// Throttling, a passing server-side error, or a timeout. A refused connection or missing
+/// credentials is not retried: it will not get better in a few seconds, and callers
+/// degrade on it at once.
+fn sdk_retryable<E: ProvideErrorMetadata>(
+    e: &SdkError<E, aws_sdk_kms::config::http::HttpResponse>,
+) -> bool {
+    match e {
+        SdkError::ServiceError(s) => {
+            e.code().is_some_and(|c| RETRYABLE_CODES.contains(&c))
+                || s.raw().status().is_server_error()
+        }
+        SdkError::TimeoutError(_) => true,
+        SdkError::DispatchFailure(d) => d.is_timeout(),
+        _ => false,
+    }
 }
 
 /// Options of an inventory.
@@ -379,7 +392,17 @@ impl Inventory {
         let mut clients = self.clients.lock().map_err(|_| InventoryError::Offline)?;
         Ok(clients
             .entry(region.to_string())
-            .or_insert_with(|| crate::aws::kms_client(sdk, Some(region)))
+            .or_insert_with(|| {
+                // `retry` is the one retry layer: the SDK's own would hide throttling
+                // from the backoff and from the call counts.
+                let client = crate::aws::kms_client(sdk, Some(region));
+                let conf = client
+                    .config()
+                    .to_builder()
+                    .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
+                    .build();
+                aws_sdk_kms::Client::from_conf(conf)
+            })
             .clone())
     }
 
@@ -586,9 +609,20 @@ impl Inventory {
     /// Adds the alias and tags of the finding's first key the inventory knows. Returns
     /// whether the finding changed.
     pub async fn enrich(&self, f: &mut Finding) -> Result<bool, InventoryError> {
+        self.enrich_with(f, &mut std::collections::HashSet::new())
+            .await
+    }
+
+    /// `enrich`, skipping keys in `failed` and adding those that fail (so a key that
+    /// cannot be read costs one attempt per run, not one per finding).
+    async fn enrich_with(
+        &self,
+        f: &mut Finding,
+        failed: &mut std::collections::HashSet<String>,
+    ) -> Result<bool, InventoryError> {
         let mut last_err = None;
         for arn in &f.keys {
-            if region_of_arn(arn).is_none() {
+            if region_of_arn(arn).is_none() || failed.contains(arn) {
                 continue;
             }
             match self.key(arn).await {
@@ -597,7 +631,10 @@ impl Inventory {
                     return Ok(true);
                 }
                 Err(e) if e.is_unreachable() => return Err(e),
-                Err(e) => last_err = Some(e),
+                Err(e) => {
+                    failed.insert(arn.clone());
+                    last_err = Some(e);
+                }
             }
         }
         match last_err {
@@ -610,8 +647,9 @@ impl Inventory {
     /// reached (the findings stay as they are, and the report says why).
     pub async fn enrich_all(&self, findings: &mut [Finding]) -> EnrichReport {
         let mut report = EnrichReport::default();
+        let mut failed = std::collections::HashSet::new();
         for f in findings.iter_mut() {
-            match self.enrich(f).await {
+            match self.enrich_with(f, &mut failed).await {
                 Ok(true) => report.enriched += 1,
                 Ok(false) => {}
                 Err(e) => {
@@ -666,6 +704,7 @@ fn api_err<E, R>(op: &'static str, region: &str, e: &SdkError<E, R>) -> Inventor
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
+    SdkError<E, R>: std::error::Error,
 {
     let code = match e {
         SdkError::ServiceError(_) => Some(e.code().unwrap_or("Unknown").to_string()),
@@ -673,7 +712,19 @@ where
     };
     let message = match e {
         SdkError::ServiceError(_) => e.message().unwrap_or("").to_string(),
-        _ => aws_sdk_kms::error::DisplayErrorContext(e).to_string(),
+        _ => {
+            // The error and its sources, without the Debug dump DisplayErrorContext adds.
+            let mut parts = vec![e.to_string()];
+            let mut src = std::error::Error::source(e);
+            while let Some(s) = src {
+                let text = s.to_string();
+                if !parts.iter().any(|p| p.contains(&text)) {
+                    parts.push(text);
+                }
+                src = s.source();
+            }
+            parts.join(": ")
+        }
     };
     InventoryError::Api {
         op,

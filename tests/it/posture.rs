@@ -7,7 +7,12 @@ use crate::support::*;
 use aws_sdk_kms::types::Tag;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// moto's default account.
 const ACCT: &str = "123456789012";
@@ -538,4 +543,127 @@ async fn full_inventory_costs_five_api_calls_per_key() {
     );
     assert!(err.contains(&want), "want {want:?} in {err}");
     eprintln!("measured: {}", err.trim());
+}
+
+/// A fake KMS endpoint on 127.0.0.1: throttles the first `throttle` requests, then answers
+/// ListKeys and ListAliases with one empty page. Returns its URL and a request counter.
+fn throttling_kms(throttle: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { break };
+            let counter = counter.clone();
+            std::thread::spawn(move || serve_kms(conn, &counter, throttle));
+        }
+    });
+    (url, count)
+}
+
+fn serve_kms(mut conn: TcpStream, count: &AtomicUsize, throttle: usize) {
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let (mut target, mut len) = (String::new(), 0usize);
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if let Some(v) = lower.strip_prefix("x-amz-target:") {
+                target = v.trim().to_string();
+            }
+        }
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+        let (status, reply) = if n <= throttle {
+            (
+                "400 Bad Request",
+                r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#,
+            )
+        } else if target.ends_with(".listkeys") {
+            ("200 OK", r#"{"Keys":[],"Truncated":false}"#)
+        } else {
+            ("200 OK", r#"{"Aliases":[],"Truncated":false}"#)
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\r\n{reply}",
+            reply.len()
+        );
+        if conn.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+async fn sdk_for(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(EAST))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_kms::config::Credentials::new(
+            "testing", "testing", None, None, "tests",
+        ))
+        .load()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttled_calls_back_off_with_jitter_then_succeed_or_give_up() {
+    use kmsguard::inventory::{Backoff, Inventory, InventoryError, InventoryOptions};
+    let opts = InventoryOptions {
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(200),
+            max_attempts: 5,
+        },
+        ..InventoryOptions::default()
+    };
+    let (url, requests) = throttling_kms(3);
+    let store = kmsguard::store::Store::temporary().unwrap();
+    let inv = Inventory::new(store, Some(sdk_for(&url).await), opts);
+    let ri = inv
+        .refresh_region(EAST)
+        .await
+        .expect("succeeds after backoff");
+    assert!(ri.keys.is_empty());
+    let calls = inv.calls().by_operation();
+    assert_eq!(calls.get("ListKeys"), Some(&4), "{calls:?}");
+    assert_eq!(calls.get("ListAliases"), Some(&1), "{calls:?}");
+    assert_eq!(inv.calls().throttled(), 3);
+    // Every attempt reached the server once: the SDK's own retries are off, so the
+    // counts are real.
+    assert_eq!(requests.load(Ordering::SeqCst), 5);
+
+    let (url, requests) = throttling_kms(usize::MAX);
+    let store = kmsguard::store::Store::temporary().unwrap();
+    let inv = Inventory::new(store, Some(sdk_for(&url).await), opts);
+    let started = Instant::now();
+    match inv.refresh_region(EAST).await {
+        Err(InventoryError::Api { op, code, .. }) => {
+            assert_eq!(op, "ListKeys");
+            assert_eq!(code.as_deref(), Some("ThrottlingException"));
+        }
+        other => panic!("expected a throttling error, got {other:?}"),
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 5, "max_attempts in all");
+    // Four sleeps, each below its cap: 20 + 40 + 80 + 160 ms at most.
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
