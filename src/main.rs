@@ -285,8 +285,8 @@ fn posture_cmd(args: PostureArgs) -> Result<ExitCode> {
         if coverage.from.is_none() {
             eprintln!(
                 "note: no CloudTrail history in the state: {} and {} were not evaluated (run `kmsguard replay --state DIR` and pass the same --state)",
-                posture::UNUSED_KEY,
-                posture::UNUSABLE_KEY_IN_USE
+                posture::UNUSED_KEY.id,
+                posture::UNUSABLE_KEY_IN_USE.id
             );
         }
         let calls = inv.calls().total();

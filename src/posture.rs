@@ -26,81 +26,89 @@ pub struct Check {
     pub remediation: &'static str,
 }
 
-pub const ROTATION_DISABLED: &str = "kms-posture-rotation-disabled";
-pub const UNUSABLE_KEY_IN_USE: &str = "kms-posture-unusable-key-in-use";
-pub const POLICY_PUBLIC: &str = "kms-posture-policy-public";
-pub const POLICY_FOREIGN_ACCOUNT: &str = "kms-posture-policy-foreign-account";
-pub const POLICY_KMS_STAR: &str = "kms-posture-policy-kms-star";
-pub const MISSING_TAGS: &str = "kms-posture-missing-tags";
-pub const MRK_NO_DR_REPLICA: &str = "kms-posture-mrk-no-dr-replica";
-pub const UNUSED_KEY: &str = "kms-posture-unused-key";
-pub const GRANT_FOREIGN_ACCOUNT: &str = "kms-posture-grant-foreign-account";
+pub const ROTATION_DISABLED: Check = Check {
+    id: "kms-posture-rotation-disabled",
+    severity: Severity::Medium,
+    title: "Automatic rotation is off on a symmetric KMS key",
+    rationale: "Yearly (or shorter) automatic rotation limits how much data one key version protects and is required by CIS, PCI DSS and most internal standards; it costs nothing in availability.",
+    remediation: "aws kms enable-key-rotation --key-id KEY [--rotation-period-in-days N]",
+};
+
+pub const UNUSABLE_KEY_IN_USE: Check = Check {
+    id: "kms-posture-unusable-key-in-use",
+    severity: Severity::High,
+    title: "A disabled or pending-deletion key was used recently",
+    rationale: "CloudTrail shows callers still using a key that is disabled or scheduled for deletion: their requests fail now, and once deleted the data it protects is lost for good (an outage in the making).",
+    remediation: "aws kms cancel-key-deletion --key-id KEY && aws kms enable-key --key-id KEY, then move the callers to another key before retiring it",
+};
+
+pub const POLICY_PUBLIC: Check = Check {
+    id: "kms-posture-policy-public",
+    severity: Severity::Critical,
+    title: "Key policy allows any principal without a restricting condition",
+    rationale: "`Principal: *` without kms:CallerAccount, aws:PrincipalOrgID or a similar condition lets any AWS account use the key as far as the policy is concerned.",
+    remediation: "Replace the `*` principal with the accounts or roles that need the key, or add a condition such as kms:CallerAccount or aws:PrincipalOrgID (aws kms put-key-policy)",
+};
+
+pub const POLICY_FOREIGN_ACCOUNT: Check = Check {
+    id: "kms-posture-policy-foreign-account",
+    severity: Severity::High,
+    title: "Key policy trusts an account outside the allowlist",
+    rationale: "A principal of another account that is not in `allowed_accounts` can use or manage the key; cross-account access should be deliberate and reviewed.",
+    remediation: "Remove the foreign principal from the key policy, or add its account to [posture] allowed_accounts if the access is intended",
+};
+
+pub const POLICY_KMS_STAR: Check = Check {
+    id: "kms-posture-policy-kms-star",
+    severity: Severity::Medium,
+    title: "Key policy grants kms:* to a non-admin principal",
+    rationale: "`kms:*` includes ScheduleKeyDeletion, PutKeyPolicy and DisableKey: an application role with it can destroy the key or lock everyone else out. Least privilege separates key administrators from key users.",
+    remediation: "Grant the principal only the operations it needs (e.g. kms:Decrypt, kms:GenerateDataKey), or list it in [posture] admin_principals if it is a key administrator",
+};
+
+pub const MISSING_TAGS: Check = Check {
+    id: "kms-posture-missing-tags",
+    severity: Severity::Low,
+    title: "Key lacks required tags",
+    rationale: "Tags (owner, environment, sensitivity) are how keys are categorised, attributed and scoped in policies and alerting; an untagged key has no owner to call.",
+    remediation: "aws kms tag-resource --key-id KEY --tags TagKey=NAME,TagValue=VALUE",
+};
+
+pub const MRK_NO_DR_REPLICA: Check = Check {
+    id: "kms-posture-mrk-no-dr-replica",
+    severity: Severity::Medium,
+    title: "Multi-Region primary key has no replica in the DR region",
+    rationale: "Multi-Region keys exist so data encrypted in one region can be decrypted in another after a regional outage; without a replica in the disaster-recovery region that plan does not work.",
+    remediation: "aws kms replicate-key --key-id KEY --replica-region DR_REGION",
+};
+
+pub const UNUSED_KEY: Check = Check {
+    id: "kms-posture-unused-key",
+    severity: Severity::Low,
+    title: "Key not used for a long time",
+    rationale: "An enabled key nobody uses costs $1 a month and is attack surface (its policy and grants still let principals in); CloudTrail shows no cryptographic use in the configured period.",
+    remediation: "Confirm with the key's owner, then aws kms disable-key --key-id KEY (and later schedule-key-deletion with a waiting period)",
+};
+
+pub const GRANT_FOREIGN_ACCOUNT: Check = Check {
+    id: "kms-posture-grant-foreign-account",
+    severity: Severity::High,
+    title: "Grant gives a foreign account use of the key",
+    rationale: "Grants are invisible in the key policy; one to a principal of another account outside the allowlist lets that account use the key until it is revoked.",
+    remediation: "aws kms list-grants --key-id KEY, then aws kms revoke-grant --key-id KEY --grant-id ID (or add the account to [posture] allowed_accounts)",
+};
 
 /// Every check, in report order.
 pub const CHECKS: [Check; 9] = [
-    Check {
-        id: ROTATION_DISABLED,
-        severity: Severity::Medium,
-        title: "Automatic rotation is off on a symmetric KMS key",
-        rationale: "Yearly (or shorter) automatic rotation limits how much data one key version protects and is required by CIS, PCI DSS and most internal standards; it costs nothing in availability.",
-        remediation: "aws kms enable-key-rotation --key-id KEY [--rotation-period-in-days N]",
-    },
-    Check {
-        id: UNUSABLE_KEY_IN_USE,
-        severity: Severity::High,
-        title: "A disabled or pending-deletion key was used recently",
-        rationale: "CloudTrail shows callers still using a key that is disabled or scheduled for deletion: their requests fail now, and once deleted the data it protects is lost for good (an outage in the making).",
-        remediation: "aws kms cancel-key-deletion --key-id KEY && aws kms enable-key --key-id KEY, then move the callers to another key before retiring it",
-    },
-    Check {
-        id: POLICY_PUBLIC,
-        severity: Severity::Critical,
-        title: "Key policy allows any principal without a restricting condition",
-        rationale: "`Principal: *` without kms:CallerAccount, aws:PrincipalOrgID or a similar condition lets any AWS account use the key as far as the policy is concerned.",
-        remediation: "Replace the `*` principal with the accounts or roles that need the key, or add a condition such as kms:CallerAccount or aws:PrincipalOrgID (aws kms put-key-policy)",
-    },
-    Check {
-        id: POLICY_FOREIGN_ACCOUNT,
-        severity: Severity::High,
-        title: "Key policy trusts an account outside the allowlist",
-        rationale: "A principal of another account that is not in `allowed_accounts` can use or manage the key; cross-account access should be deliberate and reviewed.",
-        remediation: "Remove the foreign principal from the key policy, or add its account to [posture] allowed_accounts if the access is intended",
-    },
-    Check {
-        id: POLICY_KMS_STAR,
-        severity: Severity::Medium,
-        title: "Key policy grants kms:* to a non-admin principal",
-        rationale: "`kms:*` includes ScheduleKeyDeletion, PutKeyPolicy and DisableKey: an application role with it can destroy the key or lock everyone else out. Least privilege separates key administrators from key users.",
-        remediation: "Grant the principal only the operations it needs (e.g. kms:Decrypt, kms:GenerateDataKey), or list it in [posture] admin_principals if it is a key administrator",
-    },
-    Check {
-        id: MISSING_TAGS,
-        severity: Severity::Low,
-        title: "Key lacks required tags",
-        rationale: "Tags (owner, environment, sensitivity) are how keys are categorised, attributed and scoped in policies and alerting; an untagged key has no owner to call.",
-        remediation: "aws kms tag-resource --key-id KEY --tags TagKey=NAME,TagValue=VALUE",
-    },
-    Check {
-        id: MRK_NO_DR_REPLICA,
-        severity: Severity::Medium,
-        title: "Multi-Region primary key has no replica in the DR region",
-        rationale: "Multi-Region keys exist so data encrypted in one region can be decrypted in another after a regional outage; without a replica in the disaster-recovery region that plan does not work.",
-        remediation: "aws kms replicate-key --key-id KEY --replica-region DR_REGION",
-    },
-    Check {
-        id: UNUSED_KEY,
-        severity: Severity::Low,
-        title: "Key not used for a long time",
-        rationale: "An enabled key nobody uses costs $1 a month and is attack surface (its policy and grants still let principals in); CloudTrail shows no cryptographic use in the configured period.",
-        remediation: "Confirm with the key's owner, then aws kms disable-key --key-id KEY (and later schedule-key-deletion with a waiting period)",
-    },
-    Check {
-        id: GRANT_FOREIGN_ACCOUNT,
-        severity: Severity::High,
-        title: "Grant gives a foreign account use of the key",
-        rationale: "Grants are invisible in the key policy; one to a principal of another account outside the allowlist lets that account use the key until it is revoked.",
-        remediation: "aws kms list-grants --key-id KEY, then aws kms revoke-grant --key-id KEY --grant-id ID (or add the account to [posture] allowed_accounts)",
-    },
+    ROTATION_DISABLED,
+    UNUSABLE_KEY_IN_USE,
+    POLICY_PUBLIC,
+    POLICY_FOREIGN_ACCOUNT,
+    POLICY_KMS_STAR,
+    MISSING_TAGS,
+    MRK_NO_DR_REPLICA,
+    UNUSED_KEY,
+    GRANT_FOREIGN_ACCOUNT,
 ];
 
 pub fn check(id: &str) -> Option<&'static Check> {
@@ -328,7 +336,6 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         return out;
     }
     let on = |id| cfg.enabled(id);
-    let chk = |id| check(id).expect("every check id used here is in CHECKS");
     let going_away = matches!(
         rec.state.as_str(),
         "PendingDeletion" | "PendingReplicaDeletion"
@@ -337,7 +344,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
     let trusted =
         |acct: &str| acct == rec.account || cfg.allowed_accounts.iter().any(|a| a == acct);
 
-    if on(ROTATION_DISABLED)
+    if on(ROTATION_DISABLED.id)
         && rec.rotation_enabled == Some(false)
         && rec.spec == "SYMMETRIC_DEFAULT"
         && rec.origin == "AWS_KMS"
@@ -346,7 +353,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         && !is_replica
     {
         out.push(finding(
-            chk(ROTATION_DISABLED),
+            &ROTATION_DISABLED,
             rec,
             format!(
                 "Automatic rotation is disabled on symmetric key {}.",
@@ -355,7 +362,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         ));
     }
 
-    if on(UNUSABLE_KEY_IN_USE) && (going_away || rec.state == "Disabled") {
+    if on(UNUSABLE_KEY_IN_USE.id) && (going_away || rec.state == "Disabled") {
         if let Some(days) = days_ago(ctx.seen.last_used.as_deref(), ctx.now) {
             if days < i64::from(cfg.recent_use_days) {
                 let when = ctx.seen.last_used.as_deref().unwrap_or("?");
@@ -371,7 +378,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
                     "disabled".to_string()
                 };
                 out.push(finding(
-                    chk(UNUSABLE_KEY_IN_USE),
+                    &UNUSABLE_KEY_IN_USE,
                     rec,
                     format!(
                         "Key {} is {state} but CloudTrail shows it used at {when} ({days} days ago).",
@@ -387,9 +394,9 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         .as_deref()
         .and_then(|p| serde_json::from_str(p).ok());
     if let Some(p) = &policy {
-        if on(POLICY_PUBLIC) && allows_public(p) {
+        if on(POLICY_PUBLIC.id) && allows_public(p) {
             out.push(finding(
-                chk(POLICY_PUBLIC),
+                &POLICY_PUBLIC,
                 rec,
                 format!(
                     "The policy of key {} allows principal `*` without a condition that restricts who.",
@@ -397,7 +404,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
                 ),
             ));
         }
-        if on(POLICY_FOREIGN_ACCOUNT) {
+        if on(POLICY_FOREIGN_ACCOUNT.id) {
             let foreign: BTreeSet<&str> = statements(p)
                 .into_iter()
                 .filter(|s| is_allow(s))
@@ -407,7 +414,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
                 .collect();
             if !foreign.is_empty() {
                 out.push(finding(
-                    chk(POLICY_FOREIGN_ACCOUNT),
+                    &POLICY_FOREIGN_ACCOUNT,
                     rec,
                     format!(
                         "The policy of key {} allows account(s) {} outside the allowlist.",
@@ -417,7 +424,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
                 ));
             }
         }
-        if on(POLICY_KMS_STAR) {
+        if on(POLICY_KMS_STAR.id) {
             let root = format!("arn:aws:iam::{}:root", rec.account);
             let mut who: BTreeSet<&str> = BTreeSet::new();
             for s in statements(p) {
@@ -438,7 +445,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
             }
             if !who.is_empty() {
                 out.push(finding(
-                    chk(POLICY_KMS_STAR),
+                    &POLICY_KMS_STAR,
                     rec,
                     format!(
                         "The policy of key {} grants kms:* to {}, not listed as key administrator(s).",
@@ -450,7 +457,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         }
     }
 
-    if on(MISSING_TAGS) {
+    if on(MISSING_TAGS.id) {
         let missing: Vec<&str> = cfg
             .required_tags
             .iter()
@@ -459,7 +466,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
             .collect();
         if !missing.is_empty() {
             out.push(finding(
-                chk(MISSING_TAGS),
+                &MISSING_TAGS,
                 rec,
                 format!(
                     "Key {} lacks the required tag(s) {}.",
@@ -470,11 +477,11 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         }
     }
 
-    if on(MRK_NO_DR_REPLICA) && !going_away {
+    if on(MRK_NO_DR_REPLICA.id) && !going_away {
         if let (Some(dr), Some(mr)) = (&cfg.dr_region, &rec.multi_region) {
             if mr.is_primary && rec.region != *dr && !mr.replica_regions.contains(dr) {
                 out.push(finding(
-                    chk(MRK_NO_DR_REPLICA),
+                    &MRK_NO_DR_REPLICA,
                     rec,
                     format!(
                         "Multi-Region primary key {} has no replica in DR region {dr} (replicas: {}).",
@@ -490,7 +497,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         }
     }
 
-    if on(UNUSED_KEY) && rec.state == "Enabled" {
+    if on(UNUSED_KEY.id) && rec.state == "Enabled" {
         let period = i64::from(cfg.unused_days);
         // Only as far as CloudTrail coverage lets us tell: the replays recorded into this
         // state must reach back over the whole period, and the key must be that old.
@@ -502,7 +509,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         };
         if covered && old && idle {
             out.push(finding(
-                chk(UNUSED_KEY),
+                &UNUSED_KEY,
                 rec,
                 format!(
                     "Key {} has no cryptographic use in CloudTrail for {period} days or more (last use: {}).",
@@ -513,7 +520,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
         }
     }
 
-    if on(GRANT_FOREIGN_ACCOUNT) {
+    if on(GRANT_FOREIGN_ACCOUNT.id) {
         if let Some(grants) = &rec.grants {
             let foreign: BTreeSet<&str> = grants
                 .iter()
@@ -524,7 +531,7 @@ pub fn evaluate(rec: &KeyRecord, cfg: &PostureConfig, ctx: &Context<'_>) -> Vec<
                 .collect();
             if !foreign.is_empty() {
                 out.push(finding(
-                    chk(GRANT_FOREIGN_ACCOUNT),
+                    &GRANT_FOREIGN_ACCOUNT,
                     rec,
                     format!(
                         "Key {} has grant(s) to account(s) {} outside the allowlist.",
@@ -606,7 +613,7 @@ mod tests {
         let none = (Seen::default(), Coverage::default());
         let mut k = key("k");
         k.rotation_enabled = Some(false);
-        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [ROTATION_DISABLED]);
+        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [ROTATION_DISABLED.id]);
         k.spec = "RSA_2048".into();
         assert!(
             ids(&k, &cfg(), &none.0, &none.1).is_empty(),
@@ -617,11 +624,14 @@ mod tests {
         k.policy = Some(
             r#"{"Statement":[{"Effect":"Allow","Principal":"*","Action":"kms:Decrypt"}]}"#.into(),
         );
-        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [POLICY_PUBLIC]);
+        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [POLICY_PUBLIC.id]);
 
         let mut k = key("k");
         k.policy = Some(r#"{"Statement":[{"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::999988887777:root"},"Action":"kms:Decrypt"}]}"#.into());
-        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [POLICY_FOREIGN_ACCOUNT]);
+        assert_eq!(
+            ids(&k, &cfg(), &none.0, &none.1),
+            [POLICY_FOREIGN_ACCOUNT.id]
+        );
         let allow = PostureConfig {
             allowed_accounts: vec!["999988887777".into()],
             ..cfg()
@@ -631,7 +641,7 @@ mod tests {
         let mut k = key("k");
         let app = format!("arn:aws:iam::{ACCT}:role/app");
         k.policy = Some(serde_json::json!({"Statement":[{"Effect":"Allow","Principal":{"AWS":[app]},"Action":["kms:*"]}]}).to_string());
-        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [POLICY_KMS_STAR]);
+        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [POLICY_KMS_STAR.id]);
         let admins = PostureConfig {
             admin_principals: vec![format!("arn:aws:iam::{ACCT}:role/app")],
             ..cfg()
@@ -640,7 +650,7 @@ mod tests {
 
         let mut k = key("k");
         k.tags.clear();
-        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [MISSING_TAGS]);
+        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [MISSING_TAGS.id]);
 
         let mut k = key("mrk-1");
         k.multi_region = Some(MultiRegion {
@@ -649,7 +659,7 @@ mod tests {
             primary_region: Some("us-east-1".into()),
             replica_regions: vec!["eu-west-1".into()],
         });
-        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [MRK_NO_DR_REPLICA]);
+        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [MRK_NO_DR_REPLICA.id]);
         k.multi_region
             .as_mut()
             .unwrap()
@@ -664,7 +674,10 @@ mod tests {
             retiring: None,
             operations: vec!["Decrypt".into()],
         }]);
-        assert_eq!(ids(&k, &cfg(), &none.0, &none.1), [GRANT_FOREIGN_ACCOUNT]);
+        assert_eq!(
+            ids(&k, &cfg(), &none.0, &none.1),
+            [GRANT_FOREIGN_ACCOUNT.id]
+        );
     }
 
     #[test]
@@ -677,7 +690,7 @@ mod tests {
             last_used: Some("2026-05-30T00:00:00Z".into()),
         };
         let cov = Coverage::default();
-        assert_eq!(ids(&k, &cfg(), &recent, &cov), [UNUSABLE_KEY_IN_USE]);
+        assert_eq!(ids(&k, &cfg(), &recent, &cov), [UNUSABLE_KEY_IN_USE.id]);
         let old = Seen {
             last_used: Some("2026-01-01T00:00:00Z".into()),
             ..Default::default()
@@ -689,8 +702,8 @@ mod tests {
             from: Some("2025-06-01T00:00:00Z".into()),
             until: Some("2026-06-01T00:00:00Z".into()),
         };
-        assert_eq!(ids(&k, &cfg(), &old, &long), [UNUSED_KEY]);
-        assert_eq!(ids(&k, &cfg(), &Seen::default(), &long), [UNUSED_KEY]);
+        assert_eq!(ids(&k, &cfg(), &old, &long), [UNUSED_KEY.id]);
+        assert_eq!(ids(&k, &cfg(), &Seen::default(), &long), [UNUSED_KEY.id]);
         assert!(ids(&k, &cfg(), &recent, &long).is_empty());
         let short = Coverage {
             from: Some("2026-05-01T00:00:00Z".into()),
@@ -707,7 +720,7 @@ mod tests {
         let mut k = key("k");
         k.tags.clear();
         let off = PostureConfig {
-            disabled_checks: vec![MISSING_TAGS.into()],
+            disabled_checks: vec![MISSING_TAGS.id.into()],
             ..cfg()
         };
         let (s, c) = (Seen::default(), Coverage::default());
@@ -732,7 +745,7 @@ mod tests {
             },
         );
         assert_eq!(a[0].id, b[0].id);
-        assert_eq!(a[0].id, finding_id(MISSING_TAGS, &[k.arn.clone()]));
+        assert_eq!(a[0].id, finding_id(MISSING_TAGS.id, &[k.arn.clone()]));
     }
 
     #[test]
@@ -748,7 +761,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("disabled_checks") && e.contains(ROTATION_DISABLED),
+            e.contains("disabled_checks") && e.contains(ROTATION_DISABLED.id),
             "{e}"
         );
         let e = PostureConfig::parse("[posture]\nallowed_accounts = [\"12\"]\n", "c.toml")

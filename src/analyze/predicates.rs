@@ -160,8 +160,7 @@ pub fn allows_public(policy: &Json) -> bool {
         .any(|s| is_allow(s) && principals(s).contains(&"*") && !has_restricting_condition(s))
 }
 
-/// Whether a policy allows a principal of another account than `own`.
-pub fn allows_foreign_account(policy: &Json, own: &str) -> bool {
+fn allows_foreign_account(policy: &Json, own: &str) -> bool {
     statements(policy).into_iter().any(|s| {
         is_allow(s)
             && principals(s)
