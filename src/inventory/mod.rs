@@ -361,25 +361,30 @@ impl Inventory {
             message: format!("`{key_arn}` is not a KMS key ARN"),
         })?;
         let client = self.client(region)?;
-        let aliases = list_aliases(
-            &client,
-            region,
-            &self.calls,
-            &self.opts.backoff,
-            Some(key_arn),
-        )
-        .await?
-        .remove(key_id_of_arn(key_arn))
-        .unwrap_or_default();
-        let rec = read_key(
+        let mut rec = read_key(
             &client,
             region,
             key_arn,
-            aliases,
+            Vec::new(),
             &self.calls,
             &self.opts.backoff,
         )
         .await?;
+        // ListAliases works only in the caller's own account: a key another account lets
+        // us describe keeps its record, without aliases.
+        match list_aliases(
+            &client,
+            region,
+            &self.calls,
+            &self.opts.backoff,
+            Some(&rec.arn),
+        )
+        .await
+        {
+            Ok(mut by_key) => rec.aliases = by_key.remove(&rec.key_id).unwrap_or_default(),
+            Err(e) if e.is_unreachable() => return Err(e),
+            Err(e) => rec.errors.push(e.to_string()),
+        }
         self.put(&rec)?;
         Ok(rec)
     }
