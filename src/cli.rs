@@ -22,6 +22,12 @@ pub enum Command {
         after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format jsonl --output findings.jsonl AWSLogs/\n  kmsguard replay --rules my-rules.toml --fail-on high trail-export/\n  kmsguard replay --jobs 1 --summary json big.json.gz\n\nFolders are read recursively: *.json.gz and *.json files, CloudTrail-Digest files skipped.\nExit codes: 0 done; 1 a finding at or above --fail-on; 2 bad arguments, rules or paths."
     )]
     Replay(ReplayArgs),
+    /// Audit every customer-managed KMS key against best practice (rotation, policies,
+    /// grants, tags, multi-Region DR, unused keys) and print posture findings.
+    #[command(
+        after_help = "Examples:\n  kmsguard posture --region us-east-1 --region eu-west-1\n  kmsguard posture --config kmsguard.toml --format table --fail-on high\n  kmsguard replay --state /var/lib/kmsguard AWSLogs/ && kmsguard posture --state /var/lib/kmsguard\n  kmsguard posture --list-checks\n\nUse-based checks (unused keys, disabled keys still in use) need CloudTrail history recorded\nby `kmsguard replay --state DIR` into the same DIR.\nExit codes: 0 done; 1 a finding at or above --fail-on; 2 bad arguments or config, or the\nKMS API could not be read."
+    )]
+    Posture(PostureArgs),
     /// List the rules or run their inline tests.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -87,8 +93,9 @@ pub struct ReplayArgs {
     /// activity of your CI role.
     #[arg(long, value_name = "FILE")]
     pub extra_rules: Vec<PathBuf>,
-    /// State directory for baselines and the ledger of processed files [default: a
-    /// temporary one, so anomalies are still found within the files read].
+    /// State directory for baselines, the ledger of processed files and the key inventory
+    /// (with when CloudTrail last showed each key) [default: a temporary one, so anomalies
+    /// are still found within the files read].
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
     /// Train baselines only (needs --state to be useful): report nothing.
@@ -118,12 +125,50 @@ pub struct ReplayArgs {
     /// Largest record accepted, in bytes; larger ones are skipped and reported.
     #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
     pub max_record_bytes: usize,
+    /// Add each finding's key alias and tags from the KMS API (DescribeKey, ListAliases,
+    /// ListResourceTags ...; cached in --state). Without API access the findings stay as
+    /// they are and a warning says why. With --state, replay also records when CloudTrail
+    /// last showed each key, for `kmsguard posture --state` (a second read of the files).
+    #[arg(long)]
+    pub enrich: bool,
     /// Largest decompressed size of one file, in bytes.
     #[arg(long, default_value_t = 4 << 30, value_name = "BYTES")]
     pub max_file_bytes: u64,
     /// Decompression ratio above which a file is treated as a gzip bomb.
     #[arg(long, default_value_t = 200, value_name = "RATIO")]
     pub max_ratio: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PostureArgs {
+    /// Region to audit (repeatable) [default: [posture] regions, else the SDK's region].
+    #[arg(long, value_name = "REGION")]
+    pub region: Vec<String>,
+    /// Config file with a [posture] section (checks to disable, allowlists, tags ...).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Output format [default: table on a terminal, jsonl otherwise].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Write findings to FILE instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Exit 1 when any finding is at least this severe.
+    #[arg(long, value_name = "SEVERITY")]
+    pub fail_on: Option<crate_severity::SeverityArg>,
+    /// State directory (the key inventory, and CloudTrail last-seen times recorded by
+    /// `replay --state`) [default: a temporary one].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Reuse inventory records younger than this many seconds instead of reading the API.
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    pub max_age: u64,
+    /// No summary line on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Print the checks (id, severity, title) and exit.
+    #[arg(long)]
+    pub list_checks: bool,
 }
 
 #[derive(Debug, Subcommand)]

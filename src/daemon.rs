@@ -59,6 +59,8 @@ enum FileError {
 
 struct Job {
     key: String,
+    /// A second ledger entry to write (the object's key without ETag).
+    alias: Option<String>,
     analysis: Option<Analysis>,
     health: Vec<Finding>,
     failed: bool,
@@ -108,6 +110,8 @@ pub fn health(rule: &str, severity: Severity, subject: &str, summary: String) ->
         error_code: None,
         file: subject.to_string(),
         remediation: None,
+        key_alias: None,
+        key_tags: Default::default(),
     }
 }
 
@@ -478,7 +482,7 @@ async fn handle_message(
             );
             warn!(message = m_id, queue, error = %e, "unrecognized message body");
             shared.metrics.error("unknown-message");
-            match submit(shared, key, None, vec![f], true).await {
+            match submit(shared, key, None, None, vec![f], true).await {
                 Ok(_) => Outcome::Permanent,
                 Err(_) => Outcome::Release,
             }
@@ -565,7 +569,11 @@ async fn extend_visibility(sqs: aws_sdk_sqs::Client, queue: String, receipt: Str
 
 /// Downloads, analyzes and commits one object.
 async fn process_object(shared: &Shared, obj: &ObjectRef) -> Result<(), FileError> {
-    let key = obj.ledger_key();
+    // Before downloading: by the notification's ETag, or without one by the key alone.
+    let key = match obj.etag {
+        Some(_) => obj.ledger_key(),
+        None => obj.key_entry(),
+    };
     match shared.store.ledger_status(&key) {
         Ok(Some(LedgerStatus::Done)) => {
             shared
@@ -582,7 +590,7 @@ async fn process_object(shared: &Shared, obj: &ObjectRef) -> Result<(), FileErro
         .metrics
         .files_in_flight
         .fetch_add(1, Ordering::Relaxed);
-    let result = fetch_and_analyze(shared, obj, key).await;
+    let result = fetch_and_analyze(shared, obj, obj.ledger_key()).await;
     shared
         .metrics
         .files_in_flight
@@ -594,7 +602,7 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
     let url = obj.url();
     let mut backoff = Backoff::new();
     let mut attempt = 0;
-    let bytes = loop {
+    let (bytes, etag) = loop {
         attempt += 1;
         match fetch(shared, obj).await {
             Ok(b) => break b,
@@ -613,13 +621,27 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
                 shared.metrics.files_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(object = %url, error = why, "cannot read the object");
                 let f = health(rule, severity, &key, format!("{url}: {why}"));
-                return match submit(shared, key, None, vec![f], true).await {
+                return match submit(shared, key, Some(obj.key_entry()), None, vec![f], true).await {
                     Ok(_) => Err(FileError::Permanent),
                     Err(e) => Err(FileError::Transient(e)),
                 };
             }
         }
     };
+    // The ETag of what was read decides: a notification may carry none or another.
+    let key = obj.ledger_key_with(etag.as_deref().or(obj.etag.as_deref()));
+    match shared.store.ledger_status(&key) {
+        Ok(Some(LedgerStatus::Done)) => {
+            shared
+                .metrics
+                .files_duplicate
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        Ok(Some(LedgerStatus::Failed)) => return Err(FileError::Permanent),
+        Ok(None) => {}
+        Err(e) => return Err(FileError::Transient(e.to_string())),
+    }
     let rules = shared
         .rules
         .read()
@@ -655,7 +677,16 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
             format!("{url}: {}", problems.join("; ")),
         ));
     }
-    match submit(shared, key, Some(analysis), health_findings, failed).await {
+    match submit(
+        shared,
+        key,
+        Some(obj.key_entry()),
+        Some(analysis),
+        health_findings,
+        failed,
+    )
+    .await
+    {
         Ok(_) if failed => Err(FileError::Permanent),
         Ok(_) => Ok(()),
         Err(e) => Err(FileError::Transient(e)),
@@ -666,6 +697,7 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
 async fn submit(
     shared: &Shared,
     key: String,
+    alias: Option<String>,
     analysis: Option<Analysis>,
     health: Vec<Finding>,
     failed: bool,
@@ -675,6 +707,7 @@ async fn submit(
         .jobs
         .send(Job {
             key,
+            alias,
             analysis,
             health,
             failed,
@@ -701,7 +734,8 @@ enum Fetch {
     },
 }
 
-async fn fetch(shared: &Shared, obj: &ObjectRef) -> Result<Vec<u8>, Fetch> {
+/// The object's bytes and its ETag.
+async fn fetch(shared: &Shared, obj: &ObjectRef) -> Result<(Vec<u8>, Option<String>), Fetch> {
     let resp = shared
         .s3
         .get_object()
@@ -742,8 +776,9 @@ async fn fetch(shared: &Shared, obj: &ObjectRef) -> Result<Vec<u8>, Fetch> {
             });
         }
     }
+    let etag = out.e_tag().map(str::to_string);
     match out.body.collect().await {
-        Ok(b) => Ok(b.into_bytes().to_vec()),
+        Ok(b) => Ok((b.into_bytes().to_vec(), etag)),
         Err(e) => Err(Fetch::Transient(format!("download interrupted: {e}"))),
     }
 }
@@ -762,6 +797,7 @@ fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Dete
             &shared,
             &mut det,
             job.key,
+            job.alias,
             job.analysis,
             job.health,
             job.failed,
@@ -777,6 +813,7 @@ fn analyze_job(
     shared: &Committer,
     det: &mut Detector,
     key: String,
+    alias: Option<String>,
     analysis: Option<Analysis>,
     health: Vec<Finding>,
     failed: bool,
@@ -804,13 +841,10 @@ fn analyze_job(
             }
         }
     }
+    let entries: Vec<String> = std::iter::once(key).chain(alias).collect();
     let commit = Commit {
-        ledger: if failed {
-            Vec::new()
-        } else {
-            vec![key.clone()]
-        },
-        failed: if failed { vec![key] } else { Vec::new() },
+        ledger: if failed { Vec::new() } else { entries.clone() },
+        failed: if failed { entries } else { Vec::new() },
         baselines: pipeline::dirty_baselines(det),
         outbox,
     };

@@ -7,14 +7,17 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{
-    BaselineCommand, Cli, Command, Format, LogFormat, ReplayArgs, RulesCommand, SummaryFormat,
+    BaselineCommand, Cli, Command, Format, LogFormat, PostureArgs, ReplayArgs, RulesCommand,
+    SummaryFormat,
 };
 use kmsguard::analyze::baseline::BaselineConfig;
 use kmsguard::decode::records::ScanLimits;
 use kmsguard::decode::DecodeLimits;
+use kmsguard::inventory::{self, Inventory, InventoryOptions};
 use kmsguard::pipeline::{self, ReplayOptions};
+use kmsguard::posture::{self, PostureConfig};
 use kmsguard::store::Store;
-use kmsguard::{report, source, RuleSet};
+use kmsguard::{report, source, Finding, RuleSet};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
@@ -22,6 +25,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Replay(args) => replay(args),
+        Command::Posture(args) => posture_cmd(args),
         Command::Rules(RulesCommand::List { rules }) => rules_list(rules),
         Command::Rules(RulesCommand::Test { file }) => rules_test(file),
         Command::BenchInflate { paths } => bench_inflate(paths),
@@ -67,6 +71,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
             Some(baseline_config(args.config.as_deref())?)
         },
         learn_only: args.learn_only,
+        track_activity: args.state.is_some(),
     };
     let store = match &args.state {
         Some(dir) => Store::open(dir)?,
@@ -99,6 +104,10 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         eprint!("\r\x1b[2K");
     }
     outcome.stats.digests_skipped = digests;
+    if args.enrich || args.state.is_some() {
+        let activity = outcome.activity.take();
+        replay_inventory(&args, activity, &store, &mut outcome.findings)?;
+    }
 
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(
@@ -140,6 +149,180 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     }
     if let Some(threshold) = args.fail_on {
         if outcome.findings.iter().any(|f| f.severity >= threshold.0) {
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A runtime for the AWS calls of one command (the replay itself runs on its own threads).
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn open_store(dir: Option<&std::path::Path>) -> Result<Store> {
+    Ok(match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("cannot create state directory {}", d.display()))?;
+            Store::open(d)?
+        }
+        None => Store::temporary()?,
+    })
+}
+
+/// After a replay: with --state, records when CloudTrail last showed each key (and drops
+/// cached inventory records that events changed); with --enrich, adds key aliases and
+/// tags to the findings. The pipeline stays offline; this runs after it, on the same store.
+fn replay_inventory(
+    args: &ReplayArgs,
+    activity: Option<inventory::activity::Activity>,
+    store: &Store,
+    findings: &mut [Finding],
+) -> Result<()> {
+    let rt = runtime()?;
+    let sdk = if args.enrich {
+        Some(rt.block_on(kmsguard::aws::sdk_config(
+            &kmsguard::aws::AwsSettings::from_env(),
+        )))
+    } else {
+        None
+    };
+    let inv = Inventory::new(store.clone(), sdk, InventoryOptions::default());
+    if let Some(activity) = activity {
+        let invalidated = inv
+            .apply_activity(&activity)
+            .context("cannot record key activity in the state store")?;
+        if !args.quiet {
+            eprintln!(
+                "note: recorded CloudTrail activity of {} key(s); {invalidated} cached inventory record(s) invalidated by later changes",
+                activity.keys.len()
+            );
+        }
+    }
+    if args.enrich {
+        let report = rt.block_on(inv.enrich_all(findings));
+        if let Some(problem) = report.problem {
+            eprintln!(
+                "warning: --enrich: {problem}; {} of {} finding(s) enriched (the others are as the events say)",
+                report.enriched,
+                findings.len()
+            );
+        }
+    }
+    store.flush()?;
+    Ok(())
+}
+
+fn posture_cmd(args: PostureArgs) -> Result<ExitCode> {
+    if args.list_checks {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{:<36}  {:<8}  TITLE", "ID", "SEVERITY")?;
+        for c in posture::CHECKS {
+            writeln!(out, "{:<36}  {:<8}  {}", c.id, c.severity.as_str(), c.title)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = std::time::Instant::now();
+    let cfg = match &args.config {
+        Some(p) => PostureConfig::load(p)?,
+        None => PostureConfig::default(),
+    };
+    let rt = runtime()?;
+    let sdk = rt.block_on(kmsguard::aws::sdk_config(
+        &kmsguard::aws::AwsSettings::from_env(),
+    ));
+    let regions: Vec<String> = if !args.region.is_empty() {
+        args.region.clone()
+    } else if !cfg.regions.is_empty() {
+        cfg.regions.clone()
+    } else if let Some(r) = sdk.region() {
+        vec![r.to_string()]
+    } else {
+        anyhow::bail!(
+            "no region to audit: pass --region R (repeatable), set [posture] regions, or set AWS_REGION"
+        );
+    };
+    let store = open_store(args.state.as_deref())?;
+    let inv = Inventory::new(
+        store.clone(),
+        Some(sdk),
+        InventoryOptions {
+            max_age: std::time::Duration::from_secs(args.max_age),
+            ..InventoryOptions::default()
+        },
+    );
+    let coverage = inv.coverage()?;
+    let now = inventory::now_secs();
+    let mut findings = Vec::new();
+    let (mut keys, mut customer) = (0usize, 0usize);
+    for region in &regions {
+        let ri = rt
+            .block_on(inv.refresh_region(region))
+            .with_context(|| format!("cannot read the KMS keys of region {region}"))?;
+        for (arn, e) in &ri.failures {
+            eprintln!("warning: {arn}: not audited: {e}");
+        }
+        keys += ri.keys.len();
+        for rec in &ri.keys {
+            customer += usize::from(rec.is_customer_managed());
+            let seen = inv.seen(&rec.arn)?;
+            let ctx = posture::Context {
+                seen: &seen,
+                coverage: &coverage,
+                now,
+            };
+            findings.extend(posture::evaluate(rec, &cfg, &ctx));
+            for part in &rec.errors {
+                eprintln!("warning: {}: partly audited: {part}", rec.arn);
+            }
+        }
+    }
+    store.flush()?;
+    findings.sort_by(|a, b| (&a.keys, &a.rule).cmp(&(&b.keys, &b.rule)));
+    if !args.quiet {
+        if coverage.from.is_none() {
+            eprintln!(
+                "note: no CloudTrail history in the state: {} and {} were not evaluated (run `kmsguard replay --state DIR` and pass the same --state)",
+                posture::UNUSED_KEY.id,
+                posture::UNUSABLE_KEY_IN_USE.id
+            );
+        }
+        let calls = inv.calls().total();
+        eprintln!(
+            "posture: {keys} key(s) ({customer} customer-managed) in {} region(s), {} finding(s); {calls} KMS API call(s) ({:.2} per key, {} throttled) in {:.2} s",
+            regions.len(),
+            findings.len(),
+            calls as f64 / keys.max(1) as f64,
+            inv.calls().throttled(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let format = args.format.unwrap_or(
+        if std::io::stdout().is_terminal() && args.output.is_none() {
+            Format::Table
+        } else {
+            Format::Jsonl
+        },
+    );
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p)
+                .with_context(|| format!("cannot create output file {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    match format {
+        Format::Jsonl => report::write_jsonl(&mut out, &findings)?,
+        Format::Table => report::write_table(&mut out, &findings)?,
+    }
+    out.flush().context("cannot write findings")?;
+    if let Some(threshold) = args.fail_on {
+        if findings.iter().any(|f| f.severity >= threshold.0) {
             return Ok(ExitCode::from(1));
         }
     }

@@ -7,6 +7,7 @@ use crate::analyze::baseline::{self, Baseline, BaselineConfig, Detector, Observa
 use crate::analyze::finding::Finding;
 use crate::analyze::rule::RuleSet;
 use crate::decode::{DecodeLimits, Decoder, FileReport};
+use crate::inventory::activity::Activity;
 use crate::source::files::ledger_key;
 use crate::source::LogFile;
 use crate::store::{self, Commit, Store, StoreError};
@@ -24,6 +25,8 @@ pub struct ReplayOptions {
     pub baselines: Option<BaselineConfig>,
     /// Train baselines only: no findings are returned.
     pub learn_only: bool,
+    /// Record when each key was last seen, used and changed (for the key inventory).
+    pub track_activity: bool,
 }
 
 impl Default for ReplayOptions {
@@ -33,6 +36,7 @@ impl Default for ReplayOptions {
             limits: DecodeLimits::default(),
             baselines: Some(BaselineConfig::default()),
             learn_only: false,
+            track_activity: false,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct FileDone<'a> {
 pub struct ReplayOutcome {
     pub findings: Vec<Finding>,
     pub stats: ReplayStats,
+    /// Key activity, when `track_activity` was set.
+    pub activity: Option<Activity>,
 }
 
 /// Hands out file indexes to workers, at most `window` ahead of the collector, so
@@ -185,25 +191,35 @@ pub fn replay(
     let mut detector = opts.baselines.clone().map(Detector::new);
     let with_baselines = detector.is_some();
     let mut failure: Option<StoreError> = None;
+    let mut activity = None;
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel::<WorkerResult>(jobs * 4);
+        let track = opts.track_activity;
+        let mut workers = Vec::new();
         for _ in 0..jobs {
             let tx = tx.clone();
             let dispatch = &dispatch;
             let limits = opts.limits;
-            scope.spawn(move || {
+            workers.push(scope.spawn(move || {
                 let mut decoder = Decoder::new(limits);
+                let mut act = Activity::default();
                 while let Some(i) = dispatch.take(files.len()) {
                     let file = &files[i];
                     let name = file.path.display().to_string();
                     let a = analyze(rules, &name, with_baselines, |on_event| {
-                        decoder.decode_file(&file.path, on_event)
+                        decoder.decode_file(&file.path, &mut |ev| {
+                            if track {
+                                act.observe(ev);
+                            }
+                            on_event(ev);
+                        })
                     });
                     if tx.send((i, a.report, a.findings, a.observations)).is_err() {
                         break;
                     }
                 }
-            });
+                act
+            }));
         }
         drop(tx);
         let mut pending: BTreeMap<usize, WorkerResult> = BTreeMap::new();
@@ -282,6 +298,15 @@ pub fn replay(
                 Err(e) => failure = Some(e),
             }
         }
+        if track {
+            let mut all = Activity::default();
+            for w in workers {
+                if let Ok(a) = w.join() {
+                    all.merge(a);
+                }
+            }
+            activity = Some(all);
+        }
     });
     if let Some(e) = failure {
         return Err(e);
@@ -292,7 +317,11 @@ pub fn replay(
     stats.principals = store.baseline_count() as u64;
     stats.elapsed_secs = started.elapsed().as_secs_f64();
     stats.peak_rss_bytes = peak_rss_bytes();
-    Ok(ReplayOutcome { findings, stats })
+    Ok(ReplayOutcome {
+        findings,
+        stats,
+        activity,
+    })
 }
 
 fn encode_dirty(det: &mut Detector) -> Vec<(String, Option<Vec<u8>>)> {

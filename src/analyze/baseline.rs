@@ -742,6 +742,8 @@ impl Detector {
                     error_code: None,
                     file: String::new(),
                     remediation: None,
+                    key_alias: None,
+                    key_tags: Default::default(),
                 });
             }
         }
@@ -799,6 +801,8 @@ impl Detector {
             error_code: None,
             file: o.file.clone(),
             remediation: None,
+            key_alias: None,
+            key_tags: Default::default(),
         }
     }
 }

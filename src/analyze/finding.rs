@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -66,6 +67,8 @@ pub enum Kind {
     Anomaly,
     /// Something about kmsguard's own operation (a file that could not be read, ...).
     Health,
+    /// `kmsguard posture` found a key configured against KMS best practice.
+    Posture,
 }
 
 /// One finding. Field names are a public contract (see README, "Finding format").
@@ -94,6 +97,13 @@ pub struct Finding {
     pub file: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub remediation: Option<String>,
+    /// The alias of the finding's key, from the key inventory (`replay --enrich`,
+    /// `posture`); the alphabetically first when the key has several.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key_alias: Option<String>,
+    /// The tags of the finding's key, from the key inventory.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub key_tags: BTreeMap<String, String>,
 }
 
 /// The stable id of a finding raised by `rule` on `event_ids`.

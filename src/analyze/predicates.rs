@@ -86,7 +86,8 @@ fn policy(ev: &Event<'_>) -> Option<Json> {
     serde_json::from_str(text).ok()
 }
 
-fn statements(policy: &Json) -> Vec<&Json> {
+/// The statements of a policy (`Statement` may be one object or an array).
+pub fn statements(policy: &Json) -> Vec<&Json> {
     match policy.get("Statement") {
         Some(Json::Array(a)) => a.iter().collect(),
         Some(s @ Json::Object(_)) => vec![s],
@@ -94,12 +95,13 @@ fn statements(policy: &Json) -> Vec<&Json> {
     }
 }
 
-fn is_allow(stmt: &Json) -> bool {
+/// Whether a statement allows (rather than denies).
+pub fn is_allow(stmt: &Json) -> bool {
     stmt.get("Effect").and_then(Json::as_str) == Some("Allow")
 }
 
 /// Every principal string of a statement (`"*"`, `{"AWS": ...}`, service principals).
-fn principals(stmt: &Json) -> Vec<&str> {
+pub fn principals(stmt: &Json) -> Vec<&str> {
     fn push<'a>(out: &mut Vec<&'a str>, v: &'a Json) {
         match v {
             Json::String(s) => out.push(s.as_str()),
@@ -138,7 +140,8 @@ const RESTRICTING_KEYS: [&str; 12] = [
     "aws:username",
 ];
 
-fn has_restricting_condition(stmt: &Json) -> bool {
+/// Whether a statement's condition pins its principal to known callers.
+pub fn has_restricting_condition(stmt: &Json) -> bool {
     let Some(Json::Object(ops)) = stmt.get("Condition") else {
         return false;
     };
@@ -150,7 +153,8 @@ fn has_restricting_condition(stmt: &Json) -> bool {
     })
 }
 
-fn allows_public(policy: &Json) -> bool {
+/// Whether a policy allows `*` without a condition that restricts who.
+pub fn allows_public(policy: &Json) -> bool {
     statements(policy)
         .into_iter()
         .any(|s| is_allow(s) && principals(s).contains(&"*") && !has_restricting_condition(s))

@@ -162,6 +162,8 @@ impl Rule {
             error_code: ev.error_code().map(str::to_string),
             file: file.to_string(),
             remediation: self.remediation.clone(),
+            key_alias: None,
+            key_tags: Default::default(),
         }
     }
 }

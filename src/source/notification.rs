@@ -20,12 +20,23 @@ pub struct ObjectRef {
 impl ObjectRef {
     /// The ledger key: bucket, key and ETag (a rewritten object is a new file).
     pub fn ledger_key(&self) -> String {
-        format!(
-            "s3:{}/{}:{}",
-            self.bucket,
-            self.key,
-            self.etag.as_deref().unwrap_or("-")
-        )
+        self.ledger_key_with(self.etag.as_deref())
+    }
+
+    /// The ledger key for a given ETag, without quotes (S3 events omit them, GetObject
+    /// adds them).
+    pub fn ledger_key_with(&self, etag: Option<&str>) -> String {
+        let etag = etag
+            .map(|e| e.trim_matches('"'))
+            .filter(|e| !e.is_empty())
+            .unwrap_or("-");
+        format!("s3:{}/{}:{}", self.bucket, self.key, etag)
+    }
+
+    /// The ledger entry of the object whatever its ETag: CloudTrail never rewrites a log
+    /// file, so a notification without an ETag (CloudTrail's SNS form) is matched by it.
+    pub fn key_entry(&self) -> String {
+        format!("s3key:{}/{}", self.bucket, self.key)
     }
 
     pub fn is_digest(&self) -> bool {

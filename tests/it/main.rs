@@ -4,6 +4,7 @@
 mod baselines;
 mod daemon;
 mod moto_smoke;
+mod posture;
 mod replay;
 mod rules_cli;
 mod support;

@@ -1,0 +1,685 @@
+//! The key inventory: what each KMS key *is* (aliases, tags, state, spec, origin,
+//! multi-Region layout, rotation, policy, grants), read through the KMS API per account
+//! and region and cached in the state store's `inventory` tree with the time it was read.
+//! CloudTrail says what happened to a key; this says what the key is, so findings can
+//! carry the key's alias and tags (`enrich`) and `posture` can audit keys.
+//!
+//! Tree layout (values are JSON, see `store::encode`):
+//! - `key/<key ARN>` -> `KeyRecord` (dropped by `invalidate` when an event changes the key)
+//! - `seen/<key ARN>` -> `Seen` (last time CloudTrail showed the key, and last crypto use;
+//!   kept apart so a refresh or an invalidation never forgets it)
+//! - `coverage` -> `Coverage` (the span of CloudTrail time the `seen` entries cover)
+//!
+//! API use per full inventory of a region: `ListKeys` and `ListAliases` once per page, then
+//! per customer-managed key `DescribeKey`, `ListResourceTags`, `GetKeyPolicy`, `ListGrants`
+//! (one page each for most keys) and `GetKeyRotationStatus` (symmetric `AWS_KMS` keys only,
+//! the only ones that rotate automatically); AWS-managed keys get `DescribeKey` only.
+//! Every call goes through `retry`: capped exponential backoff with full jitter on
+//! throttling, and is counted in `ApiCalls`.
+//!
+//! Submodules: `api` (the KMS calls, backoff and call counts), `activity` (what CloudTrail
+//! shows about keys: last seen and used, events that invalidate).
+
+pub mod activity;
+mod api;
+
+pub use activity::{invalidates, Activity, KeyActivity, INVALIDATING_EVENTS, USE_EVENTS};
+pub use api::{retry, ApiCalls, Backoff};
+
+use crate::analyze::finding::Finding;
+use crate::store::{self, Store, StoreError};
+use api::{list_aliases, list_keys, read_key};
+use aws_config::SdkConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The store tree the inventory lives in.
+pub const TREE: &str = "inventory";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("KMS {op} in {region} failed: {message}")]
+    Api {
+        op: &'static str,
+        region: String,
+        /// The AWS error code (`AccessDeniedException`, `NotFoundException` ...), when
+        /// the service answered; None when it could not be reached.
+        code: Option<String>,
+        message: String,
+    },
+    #[error("no AWS access configured: the key inventory needs the KMS API")]
+    Offline,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl InventoryError {
+    /// The service never answered (no endpoint, no credentials, network): further calls
+    /// would fail the same way, so callers stop trying.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, InventoryError::Offline)
+            || matches!(self, InventoryError::Api { code: None, .. })
+    }
+}
+
+/// A grant on a key (what posture needs of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub grant_id: String,
+    pub grantee: Option<String>,
+    pub retiring: Option<String>,
+    pub operations: Vec<String>,
+}
+
+/// A multi-Region key's layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultiRegion {
+    /// This key is the primary (its ARN is the primary's ARN).
+    pub is_primary: bool,
+    pub primary_arn: Option<String>,
+    pub primary_region: Option<String>,
+    pub replica_regions: Vec<String>,
+}
+
+/// What the KMS API says about one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct KeyRecord {
+    pub arn: String,
+    pub key_id: String,
+    pub account: String,
+    pub region: String,
+    /// Alias names (`alias/...`), sorted.
+    pub aliases: Vec<String>,
+    pub tags: BTreeMap<String, String>,
+    /// `Enabled`, `Disabled`, `PendingDeletion`, `PendingImport`, ...
+    pub state: String,
+    /// `CUSTOMER` or `AWS`.
+    pub manager: String,
+    pub spec: String,
+    pub usage: String,
+    /// `AWS_KMS`, `EXTERNAL`, `AWS_CLOUDHSM`, `EXTERNAL_KEY_STORE`.
+    pub origin: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_key_store_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multi_region: Option<MultiRegion>,
+    /// None when not applicable (asymmetric, HMAC, imported or custom-store keys) or unreadable.
+    #[serde(default)]
+    pub rotation_enabled: Option<bool>,
+    #[serde(default)]
+    pub rotation_period_days: Option<i32>,
+    /// The `default` key policy as JSON text; None when it could not be read.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// None when the grants could not be read.
+    #[serde(default)]
+    pub grants: Option<Vec<GrantRecord>>,
+    #[serde(default)]
+    pub creation_date: Option<String>,
+    #[serde(default)]
+    pub deletion_date: Option<String>,
+    /// When this record was read from the API (UTC, `YYYY-MM-DDTHH:MM:SSZ`).
+    pub refreshed_at: String,
+    /// Parts that could not be read (`GetKeyPolicy: AccessDeniedException`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+impl KeyRecord {
+    pub fn is_customer_managed(&self) -> bool {
+        self.manager == "CUSTOMER"
+    }
+
+    pub fn grants_count(&self) -> Option<usize> {
+        self.grants.as_ref().map(Vec::len)
+    }
+}
+
+/// When CloudTrail last showed a key (any event) and last showed it used (crypto ops).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    #[serde(default)]
+    pub last_seen: Option<String>,
+    #[serde(default)]
+    pub last_used: Option<String>,
+}
+
+/// The span of CloudTrail time recorded into `seen` (over every replay with this state).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coverage {
+    pub from: Option<String>,
+    pub until: Option<String>,
+}
+
+/// Options of an inventory.
+#[derive(Debug, Clone, Copy)]
+pub struct InventoryOptions {
+    /// Cached records younger than this are used without calling the API.
+    pub max_age: Duration,
+    pub backoff: Backoff,
+    /// Keys read at once per region.
+    pub concurrency: usize,
+}
+
+impl Default for InventoryOptions {
+    fn default() -> Self {
+        InventoryOptions {
+            max_age: Duration::from_secs(3600),
+            backoff: Backoff::default(),
+            concurrency: 8,
+        }
+    }
+}
+
+/// What a full read of one region gave.
+#[derive(Debug, Default)]
+pub struct RegionInventory {
+    pub region: String,
+    pub keys: Vec<KeyRecord>,
+    /// Keys listed but not described, with why.
+    pub failures: Vec<(String, InventoryError)>,
+    /// Records served from the cache instead of the API.
+    pub from_cache: usize,
+}
+
+/// What `enrich_all` did.
+#[derive(Debug, Default)]
+pub struct EnrichReport {
+    pub enriched: usize,
+    pub keys_read: usize,
+    /// The first problem, when some keys could not be read (for one warning).
+    pub problem: Option<String>,
+}
+
+/// The key inventory over a state store and (when online) the KMS API.
+pub struct Inventory {
+    store: Store,
+    sdk: Option<SdkConfig>,
+    opts: InventoryOptions,
+    clients: Mutex<HashMap<String, aws_sdk_kms::Client>>,
+    calls: Arc<ApiCalls>,
+}
+
+impl Inventory {
+    /// An inventory over `store`; `sdk` None means offline (only the cache is read).
+    pub fn new(store: Store, sdk: Option<SdkConfig>, opts: InventoryOptions) -> Inventory {
+        Inventory {
+            store,
+            sdk,
+            opts,
+            clients: Mutex::new(HashMap::new()),
+            calls: Arc::new(ApiCalls::default()),
+        }
+    }
+
+    pub fn calls(&self) -> &ApiCalls {
+        &self.calls
+    }
+
+    fn client(&self, region: &str) -> Result<aws_sdk_kms::Client, InventoryError> {
+        let sdk = self.sdk.as_ref().ok_or(InventoryError::Offline)?;
+        let mut clients = self.clients.lock().map_err(|_| InventoryError::Offline)?;
+        Ok(clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                // `retry` is the one retry layer: the SDK's own would hide throttling
+                // from the backoff and from the call counts.
+                let client = crate::aws::kms_client(sdk, Some(region));
+                let conf = client
+                    .config()
+                    .to_builder()
+                    .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
+                    .build();
+                aws_sdk_kms::Client::from_conf(conf)
+            })
+            .clone())
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let tree = self.store.tree(TREE)?;
+        match tree.get(key.as_bytes()).map_err(StoreError::from)? {
+            Some(v) => Ok(Some(store::decode(TREE, key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<(), StoreError> {
+        let tree = self.store.tree(TREE)?;
+        tree.insert(key.as_bytes(), store::encode(value))
+            .map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// The cached record of a key, whatever its age.
+    pub fn cached(&self, key_arn: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.get_json(&format!("key/{key_arn}"))
+    }
+
+    pub fn put(&self, rec: &KeyRecord) -> Result<(), StoreError> {
+        self.put_json(&format!("key/{}", rec.arn), rec)
+    }
+
+    /// Drops a key's cached record (an event changed the key); true when there was one.
+    pub fn invalidate(&self, key_arn: &str) -> Result<bool, StoreError> {
+        let tree = self.store.tree(TREE)?;
+        Ok(tree
+            .remove(format!("key/{key_arn}").as_bytes())
+            .map_err(StoreError::from)?
+            .is_some())
+    }
+
+    /// Records that CloudTrail showed the key at `time` (kept: the latest).
+    pub fn record_seen(&self, key_arn: &str, time: &str) -> Result<(), StoreError> {
+        self.record(key_arn, time, false)
+    }
+
+    /// Records that CloudTrail showed the key used by a crypto operation at `time`.
+    pub fn record_used(&self, key_arn: &str, time: &str) -> Result<(), StoreError> {
+        self.record(key_arn, time, true)
+    }
+
+    fn record(&self, key_arn: &str, time: &str, used: bool) -> Result<(), StoreError> {
+        let k = format!("seen/{key_arn}");
+        let mut seen: Seen = self.get_json(&k)?.unwrap_or_default();
+        let later = |old: &Option<String>| old.as_deref().is_none_or(|o| o < time);
+        let mut changed = false;
+        if later(&seen.last_seen) {
+            seen.last_seen = Some(time.to_string());
+            changed = true;
+        }
+        if used && later(&seen.last_used) {
+            seen.last_used = Some(time.to_string());
+            changed = true;
+        }
+        if changed {
+            self.put_json(&k, &seen)?;
+        }
+        Ok(())
+    }
+
+    pub fn seen(&self, key_arn: &str) -> Result<Seen, StoreError> {
+        Ok(self
+            .get_json(&format!("seen/{key_arn}"))?
+            .unwrap_or_default())
+    }
+
+    pub fn coverage(&self) -> Result<Coverage, StoreError> {
+        Ok(self.get_json("coverage")?.unwrap_or_default())
+    }
+
+    /// Applies what a scan of CloudTrail saw: last-seen times, coverage, and the
+    /// invalidation of records older than an event that changed their key. Returns how
+    /// many records were invalidated.
+    pub fn apply_activity(&self, activity: &Activity) -> Result<usize, StoreError> {
+        let mut invalidated = 0;
+        for (arn, a) in &activity.keys {
+            if let Some(t) = &a.last_seen {
+                self.record_seen(arn, t)?;
+            }
+            if let Some(t) = &a.last_used {
+                self.record_used(arn, t)?;
+            }
+            if let Some(changed) = &a.last_change {
+                // A record read after the change already shows it; only older ones go.
+                let stale = self
+                    .cached(arn)?
+                    .is_some_and(|r| r.refreshed_at.as_str() <= changed.as_str());
+                if stale && self.invalidate(arn)? {
+                    invalidated += 1;
+                }
+            }
+        }
+        if let (Some(from), Some(until)) = (&activity.from, &activity.until) {
+            let mut c = self.coverage()?;
+            if c.from.as_deref().is_none_or(|f| from.as_str() < f) {
+                c.from = Some(from.clone());
+            }
+            if c.until.as_deref().is_none_or(|u| until.as_str() > u) {
+                c.until = Some(until.clone());
+            }
+            self.put_json("coverage", &c)?;
+        }
+        Ok(invalidated)
+    }
+
+    /// A key's record: from the cache when younger than `max_age`, else from the API
+    /// (and then cached).
+    pub async fn key(&self, key_arn: &str) -> Result<KeyRecord, InventoryError> {
+        if let Some(rec) = self.cached(key_arn)? {
+            if is_fresh(&rec, self.opts.max_age, now_secs()) {
+                return Ok(rec);
+            }
+        }
+        let region = region_of_arn(key_arn).ok_or_else(|| InventoryError::Api {
+            op: "DescribeKey",
+            region: "?".into(),
+            code: Some("InvalidArn".into()),
+            message: format!("`{key_arn}` is not a KMS key ARN"),
+        })?;
+        let client = self.client(region)?;
+        let mut rec = read_key(
+            &client,
+            region,
+            key_arn,
+            Vec::new(),
+            &self.calls,
+            &self.opts.backoff,
+        )
+        .await?;
+        // ListAliases works only in the caller's own account: a key another account lets
+        // us describe keeps its record, without aliases.
+        match list_aliases(
+            &client,
+            region,
+            &self.calls,
+            &self.opts.backoff,
+            Some(&rec.arn),
+        )
+        .await
+        {
+            Ok(mut by_key) => rec.aliases = by_key.remove(&rec.key_id).unwrap_or_default(),
+            Err(e) if e.is_unreachable() => return Err(e),
+            Err(e) => rec.errors.push(e.to_string()),
+        }
+        self.put(&rec)?;
+        Ok(rec)
+    }
+
+    /// Reads every key of `region` (pages of ListKeys and ListAliases, then each key,
+    /// `concurrency` at a time), caching what it reads. Keys that fail are listed in
+    /// `failures`; a failure to list at all is an error.
+    pub async fn refresh_region(&self, region: &str) -> Result<RegionInventory, InventoryError> {
+        let client = self.client(region)?;
+        let backoff = self.opts.backoff;
+        let arns = list_keys(&client, region, &self.calls, &backoff).await?;
+        let mut aliases = list_aliases(&client, region, &self.calls, &backoff, None).await?;
+        let now = now_secs();
+        let mut out = RegionInventory {
+            region: region.to_string(),
+            ..Default::default()
+        };
+        let mut todo = Vec::new();
+        for arn in arns {
+            let key_aliases = aliases.remove(key_id_of_arn(&arn)).unwrap_or_default();
+            match self.cached(&arn)? {
+                Some(rec)
+                    if is_fresh(&rec, self.opts.max_age, now) && rec.aliases == key_aliases =>
+                {
+                    out.from_cache += 1;
+                    out.keys.push(rec);
+                }
+                _ => todo.push((arn, key_aliases)),
+            }
+        }
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.opts.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (arn, key_aliases) in todo {
+            let (client, calls, sem, region) = (
+                client.clone(),
+                self.calls.clone(),
+                sem.clone(),
+                region.to_string(),
+            );
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let r = read_key(&client, &region, &arn, key_aliases, &calls, &backoff).await;
+                (arn, r)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((arn, r)) = joined else { continue };
+            match r {
+                Ok(rec) => {
+                    self.put(&rec)?;
+                    out.keys.push(rec);
+                }
+                Err(e) => out.failures.push((arn, e)),
+            }
+        }
+        out.keys.sort_by(|a, b| a.arn.cmp(&b.arn));
+        Ok(out)
+    }
+
+    /// Adds the alias and tags of the finding's first key the inventory knows. Returns
+    /// whether the finding changed.
+    pub async fn enrich(&self, f: &mut Finding) -> Result<bool, InventoryError> {
+        self.enrich_with(f, &mut std::collections::HashSet::new())
+            .await
+    }
+
+    /// `enrich`, skipping keys in `failed` and adding those that fail (so a key that
+    /// cannot be read costs one attempt per run, not one per finding).
+    async fn enrich_with(
+        &self,
+        f: &mut Finding,
+        failed: &mut std::collections::HashSet<String>,
+    ) -> Result<bool, InventoryError> {
+        let mut last_err = None;
+        for arn in &f.keys {
+            if region_of_arn(arn).is_none() || failed.contains(arn) {
+                continue;
+            }
+            match self.key(arn).await {
+                Ok(rec) => {
+                    apply(f, &rec);
+                    return Ok(true);
+                }
+                Err(e) if e.is_unreachable() => return Err(e),
+                Err(e) => {
+                    failed.insert(arn.clone());
+                    last_err = Some(e);
+                }
+            }
+        }
+        match last_err {
+            Some(e) => Err(e),
+            None => Ok(false),
+        }
+    }
+
+    /// Enriches every finding; stops calling the API at the first sign that it cannot be
+    /// reached (the findings stay as they are, and the report says why).
+    pub async fn enrich_all(&self, findings: &mut [Finding]) -> EnrichReport {
+        let mut report = EnrichReport::default();
+        let mut failed = std::collections::HashSet::new();
+        for f in findings.iter_mut() {
+            match self.enrich_with(f, &mut failed).await {
+                Ok(true) => report.enriched += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    let unreachable = e.is_unreachable();
+                    if report.problem.is_none() {
+                        report.problem = Some(e.to_string());
+                    }
+                    if unreachable {
+                        break;
+                    }
+                }
+            }
+        }
+        report.keys_read = self
+            .calls
+            .by_operation()
+            .get("DescribeKey")
+            .copied()
+            .unwrap_or(0) as usize;
+        report
+    }
+}
+
+/// Copies a key record's alias and tags into a finding.
+pub fn apply(f: &mut Finding, rec: &KeyRecord) {
+    f.key_alias = rec.aliases.first().cloned();
+    f.key_tags = rec.tags.clone();
+}
+
+fn is_fresh(rec: &KeyRecord, max_age: Duration, now: i64) -> bool {
+    parse_time(&rec.refreshed_at).is_some_and(|t| now.saturating_sub(t) < max_age.as_secs() as i64)
+}
+
+/// The region field of a KMS key ARN.
+pub fn region_of_arn(arn: &str) -> Option<&str> {
+    let mut parts = arn.split(':');
+    (parts.next()? == "arn").then_some(())?;
+    let _partition = parts.next()?;
+    (parts.next()? == "kms").then_some(())?;
+    let region = parts.next()?;
+    let _account = parts.next()?;
+    let resource = parts.next()?;
+    (resource.starts_with("key/") && !region.is_empty()).then_some(region)
+}
+
+/// The key id at the end of a key ARN (the ARN itself when it has no `key/`).
+pub fn key_id_of_arn(arn: &str) -> &str {
+    arn.rsplit_once(":key/").map_or(arn, |(_, id)| id)
+}
+/// Seconds since the Unix epoch, now.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Parses CloudTrail's `YYYY-MM-DDTHH:MM:SS[.fff]Z` into Unix seconds.
+pub fn parse_time(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    if !s.ends_with('Z') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    Some(days_from_civil(y, mo as u32, d as u32) * 86_400 + h * 3600 + mi * 60 + sec)
+}
+
+/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (the form CloudTrail uses, so stored
+/// times compare as strings).
+pub fn format_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // civil_from_days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip() {
+        for s in [
+            "1970-01-01T00:00:00Z",
+            "2026-11-29T03:15:27Z",
+            "2000-02-29T23:59:59Z",
+        ] {
+            let t = parse_time(s).unwrap();
+            assert_eq!(format_time(t), s);
+        }
+        assert_eq!(parse_time("2026-11-29T03:15:27Z"), Some(1_795_922_127));
+        assert_eq!(
+            parse_time("2026-11-29T03:15:27.123Z"),
+            parse_time("2026-11-29T03:15:27Z")
+        );
+        assert_eq!(parse_time("2026-13-29T03:15:27Z"), None);
+        assert_eq!(parse_time("yesterday"), None);
+        assert_eq!(parse_time("2026-11-29T03:15:27+01:00"), None);
+    }
+
+    #[test]
+    fn arns() {
+        let arn = "arn:aws:kms:eu-west-1:111122223333:key/mrk-1234";
+        assert_eq!(region_of_arn(arn), Some("eu-west-1"));
+        assert_eq!(key_id_of_arn(arn), "mrk-1234");
+        assert_eq!(
+            region_of_arn("arn:aws:kms:eu-west-1:111122223333:alias/x"),
+            None
+        );
+        assert_eq!(region_of_arn("1234"), None);
+    }
+
+    #[test]
+    fn seen_keeps_the_latest_and_invalidation_respects_refresh_time() {
+        let store = Store::temporary().unwrap();
+        let inv = Inventory::new(store, None, InventoryOptions::default());
+        let arn = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        inv.record_seen(arn, "2026-01-02T00:00:00Z").unwrap();
+        inv.record_used(arn, "2026-01-01T00:00:00Z").unwrap();
+        inv.record_seen(arn, "2025-12-01T00:00:00Z").unwrap();
+        let s = inv.seen(arn).unwrap();
+        assert_eq!(s.last_seen.as_deref(), Some("2026-01-02T00:00:00Z"));
+        assert_eq!(s.last_used.as_deref(), Some("2026-01-01T00:00:00Z"));
+
+        let rec = KeyRecord {
+            arn: arn.into(),
+            refreshed_at: "2026-01-05T00:00:00Z".into(),
+            ..Default::default()
+        };
+        inv.put(&rec).unwrap();
+        let mut act = Activity::default();
+        act.keys.insert(
+            arn.into(),
+            KeyActivity {
+                last_change: Some("2026-01-04T00:00:00Z".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            inv.apply_activity(&act).unwrap(),
+            0,
+            "older change keeps the record"
+        );
+        act.keys.get_mut(arn).unwrap().last_change = Some("2026-01-06T00:00:00Z".into());
+        assert_eq!(inv.apply_activity(&act).unwrap(), 1);
+        assert!(inv.cached(arn).unwrap().is_none());
+        assert!(!inv.invalidate(arn).unwrap());
+        assert_eq!(
+            inv.seen(arn).unwrap().last_seen.as_deref(),
+            Some("2026-01-02T00:00:00Z")
+        );
+    }
+}

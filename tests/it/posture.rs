@@ -1,0 +1,669 @@
+//! The key inventory and `kmsguard posture` against moto's KMS in two regions, through
+//! the real binary: exactly the expected checks per key, `replay --enrich` adding aliases
+//! and tags, a TagResource event invalidating cached tags, graceful degradation without
+//! API access, and the API calls a full inventory costs.
+
+use crate::support::*;
+use aws_sdk_kms::types::Tag;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// moto's default account.
+const ACCT: &str = "123456789012";
+const FOREIGN: &str = "999988887777";
+const EAST: &str = "us-east-1";
+const WEST: &str = "eu-west-1";
+
+fn tag(k: &str, v: &str) -> Tag {
+    Tag::builder().tag_key(k).tag_value(v).build().unwrap()
+}
+
+fn policy(extra: Value) -> String {
+    let mut stmts = vec![json!({"Sid": "root", "Effect": "Allow",
+        "Principal": {"AWS": format!("arn:aws:iam::{ACCT}:root")}, "Action": "kms:*", "Resource": "*"})];
+    if !extra.is_null() {
+        stmts.push(extra);
+    }
+    json!({"Version": "2012-10-17", "Statement": stmts}).to_string()
+}
+
+/// What a key is made with.
+#[derive(Default)]
+struct Spec {
+    rotation: bool,
+    tags: Vec<(&'static str, &'static str)>,
+    policy: Option<String>,
+    multi_region: bool,
+}
+
+async fn make_key(kms: &aws_sdk_kms::Client, alias: &str, spec: Spec) -> String {
+    let mut req = kms.create_key().multi_region(spec.multi_region);
+    for (k, v) in &spec.tags {
+        req = req.tags(tag(k, v));
+    }
+    if let Some(p) = spec.policy {
+        req = req.policy(p);
+    }
+    let key = req.send().await.expect("create key");
+    let meta = key.key_metadata().unwrap();
+    let (id, arn) = (meta.key_id().to_string(), meta.arn().unwrap().to_string());
+    if spec.rotation {
+        kms.enable_key_rotation()
+            .key_id(&id)
+            .send()
+            .await
+            .expect("enable rotation");
+    }
+    kms.create_alias()
+        .alias_name(alias)
+        .target_key_id(&id)
+        .send()
+        .await
+        .expect("create alias");
+    arn
+}
+
+/// moto wants bare key ids (not ARNs) in some mutating calls.
+fn id(arn: &str) -> &str {
+    kmsguard::inventory::key_id_of_arn(arn)
+}
+
+fn good() -> Spec {
+    Spec {
+        rotation: true,
+        tags: vec![("owner", "team-a")],
+        ..Default::default()
+    }
+}
+
+fn ts(offset_secs: i64) -> String {
+    kmsguard::inventory::format_time(kmsguard::inventory::now_secs() + offset_secs)
+}
+
+/// A CloudTrail record shaped as ctgen (and CloudTrail) writes them.
+fn record(name: &str, key_arn: &str, time: &str, params: Value) -> Value {
+    let region = kmsguard::inventory::region_of_arn(key_arn).unwrap_or(EAST);
+    let mut rp = json!({"keyId": key_arn});
+    if let (Some(o), Value::Object(extra)) = (rp.as_object_mut(), params) {
+        o.extend(extra);
+    }
+    json!({
+        "eventVersion": "1.09",
+        "userIdentity": {"type": "AssumedRole", "principalId": "AROAEXAMPLE:ops",
+            "arn": format!("arn:aws:sts::{ACCT}:assumed-role/ops/alice"), "accountId": ACCT,
+            "sessionContext": {"sessionIssuer": {"type": "Role", "principalId": "AROAEXAMPLE",
+                "arn": format!("arn:aws:iam::{ACCT}:role/ops"), "accountId": ACCT, "userName": "ops"}}},
+        "eventTime": time,
+        "eventSource": "kms.amazonaws.com",
+        "eventName": name,
+        "awsRegion": region,
+        "sourceIPAddress": "10.1.2.3",
+        "userAgent": "aws-cli/2.15.0",
+        "requestParameters": rp,
+        "responseElements": null,
+        "requestID": format!("req-{name}-{time}"),
+        "eventID": format!("evt-{name}-{}-{time}", kmsguard::inventory::key_id_of_arn(key_arn)),
+        "readOnly": false,
+        "eventType": "AwsApiCall",
+        "managementEvent": true,
+        "recipientAccountId": ACCT,
+        "eventCategory": "Management",
+        "resources": [{"accountId": ACCT, "type": "AWS::KMS::Key", "ARN": key_arn}]
+    })
+}
+
+/// Writes records as one CloudTrail file in the AWSLogs layout; returns its path.
+fn write_trail(dir: &Path, stamp: &str, records: &[Value]) -> PathBuf {
+    let folder = dir.join(format!("AWSLogs/{ACCT}/CloudTrail/{EAST}/2026/11/29"));
+    std::fs::create_dir_all(&folder).unwrap();
+    let path = folder.join(format!("{ACCT}_CloudTrail_{EAST}_{stamp}_test.json"));
+    std::fs::write(&path, json!({"Records": records}).to_string()).unwrap();
+    path
+}
+
+fn kmsguard(moto: &Moto, args: &[&str]) -> (Vec<Value>, String, i32) {
+    let o = run(bin()
+        .envs(moto.env())
+        .args(args)
+        .args(["--format", "jsonl"]));
+    (
+        jsonl(&stdout(&o)),
+        stderr(&o),
+        o.status.code().unwrap_or(-1),
+    )
+}
+
+/// Check ids per key ARN.
+fn by_key(findings: &[Value]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut m: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in findings {
+        assert_eq!(f["kind"], "posture", "{f}");
+        let key = strs(&f["keys"])
+            .pop()
+            .expect("a posture finding names its key");
+        m.entry(key)
+            .or_default()
+            .insert(f["rule"].as_str().unwrap().to_string());
+    }
+    m
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn posture_reports_exactly_the_expected_checks_per_key_in_two_regions() {
+    let moto = Moto::start();
+    let east = kmsguard::aws::kms_client(&moto.sdk(EAST).await, None);
+    let west = kmsguard::aws::kms_client(&moto.sdk(WEST).await, None);
+
+    let mut expect: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let good_key = make_key(&east, "alias/good", good()).await;
+    expect.insert(good_key.clone(), set(&[]));
+    let norot = make_key(
+        &east,
+        "alias/no-rotation",
+        Spec {
+            rotation: false,
+            ..good()
+        },
+    )
+    .await;
+    expect.insert(norot.clone(), set(&["kms-posture-rotation-disabled"]));
+    let public = make_key(
+        &east,
+        "alias/public",
+        Spec {
+            policy: Some(policy(
+                json!({"Sid": "open", "Effect": "Allow", "Principal": {"AWS": "*"},
+                "Action": ["kms:Decrypt"], "Resource": "*"}),
+            )),
+            ..good()
+        },
+    )
+    .await;
+    expect.insert(public.clone(), set(&["kms-posture-policy-public"]));
+    let cross = make_key(
+        &east,
+        "alias/cross-account",
+        Spec {
+            policy: Some(policy(json!({"Sid": "partner", "Effect": "Allow",
+                "Principal": {"AWS": format!("arn:aws:iam::{FOREIGN}:root")},
+                "Action": ["kms:Decrypt", "kms:DescribeKey"], "Resource": "*"}))),
+            ..good()
+        },
+    )
+    .await;
+    expect.insert(cross.clone(), set(&["kms-posture-policy-foreign-account"]));
+    let star = make_key(
+        &east,
+        "alias/app-admin",
+        Spec {
+            policy: Some(policy(json!({"Sid": "app", "Effect": "Allow",
+                "Principal": {"AWS": format!("arn:aws:iam::{ACCT}:role/app")},
+                "Action": "kms:*", "Resource": "*"}))),
+            ..good()
+        },
+    )
+    .await;
+    expect.insert(star.clone(), set(&["kms-posture-policy-kms-star"]));
+    let untagged = make_key(
+        &east,
+        "alias/untagged",
+        Spec {
+            tags: vec![],
+            ..good()
+        },
+    )
+    .await;
+    expect.insert(untagged.clone(), set(&["kms-posture-missing-tags"]));
+    let granted = make_key(&east, "alias/granted", good()).await;
+    east.create_grant()
+        .key_id(id(&granted))
+        .grantee_principal(format!("arn:aws:iam::{FOREIGN}:role/partner"))
+        .operations(aws_sdk_kms::types::GrantOperation::Decrypt)
+        .send()
+        .await
+        .expect("create grant");
+    expect.insert(granted.clone(), set(&["kms-posture-grant-foreign-account"]));
+    let pending = make_key(&east, "alias/pending", good()).await;
+    east.schedule_key_deletion()
+        .key_id(id(&pending))
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .expect("schedule deletion");
+    // Nothing yet: no CloudTrail history says it is in use.
+    expect.insert(pending.clone(), set(&[]));
+
+    // Multi-Region: one primary replicated into the DR region, one not.
+    let mrk_ok = make_key(
+        &east,
+        "alias/mrk-replicated",
+        Spec {
+            multi_region: true,
+            ..good()
+        },
+    )
+    .await;
+    let replica = east
+        .replicate_key()
+        .key_id(id(&mrk_ok))
+        .replica_region(WEST)
+        .send()
+        .await
+        .expect("replicate key");
+    let replica_arn = replica
+        .replica_key_metadata()
+        .and_then(|m| m.arn())
+        .unwrap()
+        .to_string();
+    assert!(replica_arn.contains(WEST));
+    // Replicas do not share tags: tag it in its own region.
+    west.tag_resource()
+        .key_id(&replica_arn)
+        .tags(tag("owner", "team-a"))
+        .send()
+        .await
+        .expect("tag replica");
+    expect.insert(mrk_ok.clone(), set(&[]));
+    expect.insert(replica_arn.clone(), set(&[]));
+    let mrk_lonely = make_key(
+        &east,
+        "alias/mrk-lonely",
+        Spec {
+            multi_region: true,
+            ..good()
+        },
+    )
+    .await;
+    expect.insert(mrk_lonely.clone(), set(&["kms-posture-mrk-no-dr-replica"]));
+
+    // The second region has keys of its own.
+    let west_good = make_key(&west, "alias/west-good", good()).await;
+    expect.insert(west_good.clone(), set(&[]));
+    let west_bad = make_key(
+        &west,
+        "alias/west-bad",
+        Spec {
+            rotation: false,
+            tags: vec![],
+            ..good()
+        },
+    )
+    .await;
+    expect.insert(
+        west_bad.clone(),
+        set(&["kms-posture-missing-tags", "kms-posture-rotation-disabled"]),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kmsguard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[posture]\nrequired_tags = [\"owner\"]\ndr_region = \"{WEST}\"\nregions = [\"{EAST}\", \"{WEST}\"]\nadmin_principals = [\"arn:aws:iam::{ACCT}:role/KeyAdmin\"]\n"
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let cfg = config.to_str().unwrap();
+    let st = state.to_str().unwrap();
+
+    let (findings, err, code) = kmsguard(&moto, &["posture", "--config", cfg, "--state", st]);
+    assert_eq!(code, 0, "{err}");
+    let mut got = by_key(&findings);
+    for k in expect.keys() {
+        got.entry(k.clone()).or_default();
+    }
+    assert_eq!(got, expect, "stderr: {err}");
+    // Findings carry the key's alias and tags, and their ids are stable.
+    let f = findings
+        .iter()
+        .find(|f| strs(&f["keys"]) == [norot.clone()])
+        .unwrap();
+    assert_eq!(f["key_alias"], "alias/no-rotation");
+    assert_eq!(f["key_tags"]["owner"], "team-a");
+    assert!(f["remediation"]
+        .as_str()
+        .unwrap()
+        .contains("enable-key-rotation"));
+    assert!(err.contains("in 2 region(s)"), "{err}");
+    let (again, _, _) = kmsguard(&moto, &["posture", "--config", cfg, "--state", st]);
+    let ids = |v: &[Value]| -> BTreeSet<String> {
+        v.iter()
+            .map(|f| f["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&findings), ids(&again));
+
+    // CloudTrail shows the pending-deletion key decrypting yesterday: an outage in the
+    // making. replay --state records it; posture --state reports it.
+    let trail = tempfile::tempdir().unwrap();
+    write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[record("Decrypt", &pending, &ts(-86_400), json!({}))],
+    );
+    let (_, err, code) = replay_jsonl(&[trail.path()], &["--state", st]);
+    assert_eq!(code, 0, "{err}");
+    let (findings, err, code) = kmsguard(
+        &moto,
+        &[
+            "posture",
+            "--config",
+            cfg,
+            "--state",
+            st,
+            "--fail-on",
+            "high",
+        ],
+    );
+    assert_eq!(code, 1, "a high finding with --fail-on high: {err}");
+    let got = by_key(&findings);
+    assert_eq!(
+        got.get(&pending),
+        Some(&set(&["kms-posture-unusable-key-in-use"])),
+        "{err}"
+    );
+    assert_eq!(
+        got.len(),
+        9,
+        "the same eight keys as before plus the pending one"
+    );
+
+    // A check disabled in the config is not run; a bad config names the key and the fix.
+    std::fs::write(
+        &config,
+        "[posture]\nrequired_tags = [\"owner\"]\ndisabled_checks = [\"kms-posture-missing-tags\"]\n",
+    )
+    .unwrap();
+    let (findings, err, code) = kmsguard(&moto, &["posture", "--config", cfg, "--region", WEST]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        by_key(&findings),
+        BTreeMap::from([(west_bad.clone(), set(&["kms-posture-rotation-disabled"]))])
+    );
+    std::fs::write(&config, "[posture]\nrequired_tag = [\"owner\"]\n").unwrap();
+    let (_, err, code) = kmsguard(&moto, &["posture", "--config", cfg, "--region", WEST]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("required_tag") && err.contains("required_tags"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_enrich_shows_aliases_and_tags_and_tag_resource_invalidates_the_cache() {
+    let moto = Moto::start();
+    let kms = kmsguard::aws::kms_client(&moto.sdk(EAST).await, None);
+    let key = make_key(
+        &kms,
+        "alias/payments",
+        Spec {
+            tags: vec![("env", "prod"), ("sensitivity", "high")],
+            ..good()
+        },
+    )
+    .await;
+    let trail = tempfile::tempdir().unwrap();
+    let first = write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[record(
+            "ScheduleKeyDeletion",
+            &key,
+            &ts(-3600),
+            json!({"pendingWindowInDays": 7}),
+        )],
+    );
+    let state = tempfile::tempdir().unwrap();
+    let st = state.path().to_str().unwrap();
+
+    // Offline replay is unchanged: no alias, no tags.
+    let (plain, err, code) = replay_jsonl(&[&first], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(plain.len(), 1, "{plain:?}");
+    assert_eq!(plain[0]["rule"], "kms-key-deletion-scheduled");
+    assert!(plain[0].get("key_alias").is_none() && plain[0].get("key_tags").is_none());
+
+    let enrich = |paths: &[&Path]| {
+        let o = run(bin()
+            .envs(moto.env())
+            .args(["replay", "--enrich", "--state", st, "--format", "jsonl"])
+            .args(paths));
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        (jsonl(&stdout(&o)), stderr(&o))
+    };
+    let (rich, err) = enrich(&[&first]);
+    assert_eq!(rich.len(), 1);
+    assert_eq!(rich[0]["key_alias"], "alias/payments", "{err}");
+    assert_eq!(
+        rich[0]["key_tags"],
+        json!({"env": "prod", "sensitivity": "high"})
+    );
+    // Everything else is as offline.
+    let mut stripped = rich[0].clone();
+    let o = stripped.as_object_mut().unwrap();
+    o.remove("key_alias");
+    o.remove("key_tags");
+    assert_eq!(stripped, plain[0]);
+
+    // The key is retagged. The cached record (younger than an hour) still says prod ...
+    kms.tag_resource()
+        .key_id(&key)
+        .tags(tag("env", "staging"))
+        .send()
+        .await
+        .expect("retag");
+    let (cached, _) = enrich(&[&first]);
+    assert_eq!(
+        cached[0]["key_tags"]["env"], "prod",
+        "served from the cache"
+    );
+    // ... until CloudTrail shows the TagResource: that invalidates the record.
+    let second = write_trail(
+        trail.path(),
+        "20261129T0100Z",
+        &[record(
+            "TagResource",
+            &key,
+            &ts(0),
+            json!({"tags": [{"tagKey": "env", "tagValue": "staging"}]}),
+        )],
+    );
+    let (fresh, err) = enrich(&[&first, &second]);
+    assert!(
+        err.contains("1 cached inventory record(s) invalidated"),
+        "{err}"
+    );
+    let f = fresh
+        .iter()
+        .find(|f| f["rule"] == "kms-key-deletion-scheduled")
+        .unwrap();
+    assert_eq!(f["key_tags"]["env"], "staging", "{err}");
+    assert_eq!(f["key_alias"], "alias/payments");
+}
+
+#[test]
+fn replay_enrich_without_api_access_warns_and_keeps_findings() {
+    let trail = tempfile::tempdir().unwrap();
+    let key = format!("arn:aws:kms:{EAST}:{ACCT}:key/1234abcd-12ab-34cd-56ef-1234567890ab");
+    let file = write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[record(
+            "ScheduleKeyDeletion",
+            &key,
+            &ts(-60),
+            json!({"pendingWindowInDays": 7}),
+        )],
+    );
+    let (plain, _, _) = replay_jsonl(&[&file], &[]);
+    // Nothing listens on this port: the KMS API is unreachable.
+    let o = run(bin()
+        .env(
+            "AWS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{}", free_port()),
+        )
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", EAST)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["replay", "--enrich", "--format", "jsonl"])
+        .arg(&file));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: --enrich"), "{}", stderr(&o));
+    assert_eq!(jsonl(&stdout(&o)), plain);
+}
+
+/// API calls per key for a full inventory: ListKeys and ListAliases once per region
+/// (one page each here), then 5 calls per customer-managed symmetric key.
+#[tokio::test(flavor = "multi_thread")]
+async fn full_inventory_costs_five_api_calls_per_key() {
+    let moto = Moto::start();
+    let kms = kmsguard::aws::kms_client(&moto.sdk(EAST).await, None);
+    let n = 40;
+    for i in 0..n {
+        make_key(&kms, &format!("alias/k{i}"), good()).await;
+    }
+    let (findings, err, code) = kmsguard(&moto, &["posture", "--region", EAST]);
+    assert_eq!(code, 0, "{err}");
+    assert!(findings.is_empty(), "{findings:?}");
+    let want = format!(
+        "{n} key(s) ({n} customer-managed) in 1 region(s), 0 finding(s); {} KMS API call(s)",
+        2 + 5 * n
+    );
+    assert!(err.contains(&want), "want {want:?} in {err}");
+    eprintln!("measured: {}", err.trim());
+}
+
+/// A fake KMS endpoint on 127.0.0.1: throttles the first `throttle` requests, then answers
+/// ListKeys and ListAliases with one empty page. Returns its URL and a request counter.
+fn throttling_kms(throttle: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { break };
+            let counter = counter.clone();
+            std::thread::spawn(move || serve_kms(conn, &counter, throttle));
+        }
+    });
+    (url, count)
+}
+
+fn serve_kms(mut conn: TcpStream, count: &AtomicUsize, throttle: usize) {
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let (mut target, mut len) = (String::new(), 0usize);
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if let Some(v) = lower.strip_prefix("x-amz-target:") {
+                target = v.trim().to_string();
+            }
+        }
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+        let (status, reply) = if n <= throttle {
+            (
+                "400 Bad Request",
+                r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#,
+            )
+        } else if target.ends_with(".listkeys") {
+            ("200 OK", r#"{"Keys":[],"Truncated":false}"#)
+        } else {
+            ("200 OK", r#"{"Aliases":[],"Truncated":false}"#)
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\r\n{reply}",
+            reply.len()
+        );
+        if conn.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+async fn sdk_for(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(EAST))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_kms::config::Credentials::new(
+            "testing", "testing", None, None, "tests",
+        ))
+        .load()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttled_calls_back_off_with_jitter_then_succeed_or_give_up() {
+    use kmsguard::inventory::{Backoff, Inventory, InventoryError, InventoryOptions};
+    let opts = InventoryOptions {
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(200),
+            max_attempts: 5,
+        },
+        ..InventoryOptions::default()
+    };
+    let (url, requests) = throttling_kms(3);
+    let store = kmsguard::store::Store::temporary().unwrap();
+    let inv = Inventory::new(store, Some(sdk_for(&url).await), opts);
+    let ri = inv
+        .refresh_region(EAST)
+        .await
+        .expect("succeeds after backoff");
+    assert!(ri.keys.is_empty());
+    let calls = inv.calls().by_operation();
+    assert_eq!(calls.get("ListKeys"), Some(&4), "{calls:?}");
+    assert_eq!(calls.get("ListAliases"), Some(&1), "{calls:?}");
+    assert_eq!(inv.calls().throttled(), 3);
+    // Every attempt reached the server once: the SDK's own retries are off, so the
+    // counts are real.
+    assert_eq!(requests.load(Ordering::SeqCst), 5);
+
+    let (url, requests) = throttling_kms(usize::MAX);
+    let store = kmsguard::store::Store::temporary().unwrap();
+    let inv = Inventory::new(store, Some(sdk_for(&url).await), opts);
+    let started = Instant::now();
+    match inv.refresh_region(EAST).await {
+        Err(InventoryError::Api { op, code, .. }) => {
+            assert_eq!(op, "ListKeys");
+            assert_eq!(code.as_deref(), Some("ThrottlingException"));
+        }
+        other => panic!("expected a throttling error, got {other:?}"),
+    }
+    assert_eq!(requests.load(Ordering::SeqCst), 5, "max_attempts in all");
+    // Four sleeps, each below its cap: 20 + 40 + 80 + 160 ms at most.
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
