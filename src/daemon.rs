@@ -290,10 +290,19 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// SIGHUP: re-reads the config file's `[rules]` and the rules it names. Anything wrong
+/// is logged and the running rules stay. (Other settings need a restart.)
 fn reload_rules(shared: &Shared) {
-    match load_rules(&shared.cfg) {
+    let loaded = Config::load(&shared.cfg.path)
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| load_rules(&cfg).map_err(|e| e.to_string()));
+    match loaded {
         Ok(r) => {
-            info!(rules = r.rules().len(), "SIGHUP: rules reloaded");
+            info!(
+                rules = r.rules().len(),
+                origin = r.origin,
+                "SIGHUP: rules reloaded"
+            );
             *shared.rules.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(r);
         }
         Err(e) => {
