@@ -18,6 +18,7 @@ use crate::analyze::baseline::Detector;
 use crate::analyze::finding::{finding_id, Finding, Kind, Severity};
 use crate::config::{Config, OnPermanent};
 use crate::decode::{DecodeLimits, Decoder};
+use crate::outbox::{self, DeliveryError, Sink};
 use crate::pipeline::{self, Analysis};
 use crate::source::notification::{parse_body, Notice, ObjectRef};
 use crate::store::{Commit, LedgerStatus, Store, StoreError};
@@ -25,7 +26,6 @@ use crate::telemetry::{now_secs, Metrics, Notifier};
 use crate::RuleSet;
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -82,6 +82,7 @@ struct Shared {
     s3: aws_sdk_s3::Client,
     jobs: mpsc::Sender<Job>,
     outbox: Arc<Notify>,
+    sinks: Arc<Vec<Sink>>,
     limits: DecodeLimits,
     /// Receipt handles of messages being worked on, to release them on shutdown.
     in_flight: Mutex<HashMap<u64, (aws_sdk_sqs::Client, String, String)>>,
@@ -158,6 +159,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .store(store.outbox_len() as i64, Ordering::Relaxed);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(cfg.files_in_flight * 2);
+    let sinks: Arc<Vec<Sink>> = Arc::new(cfg.file_sinks.iter().cloned().map(Sink::File).collect());
     let shared = Arc::new(Shared {
         rules: RwLock::new(Arc::new(rules)),
         store: store.clone(),
@@ -165,6 +167,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         s3,
         jobs: jobs_tx,
         outbox: Arc::new(Notify::new()),
+        sinks: sinks.clone(),
         limits: DecodeLimits::default(),
         in_flight: Mutex::new(HashMap::new()),
         cfg: cfg.clone(),
@@ -176,7 +179,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let shared = Committer {
             store: store.clone(),
             metrics: metrics.clone(),
-            sinks: cfg.file_sinks.clone(),
+            sinks: sinks.clone(),
             outbox: shared.outbox.clone(),
         };
         let det = Detector::new(cfg.baseline.clone());
@@ -202,7 +205,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             shutdown_rx.clone(),
         ));
     }
-    let deliverer = tokio::spawn(deliver_loop(shared.clone(), shutdown_rx.clone()));
+    let mut deliverers = tokio::task::JoinSet::new();
+    for i in 0..sinks.len() {
+        deliverers.spawn(deliver_loop(shared.clone(), i, shutdown_rx.clone()));
+    }
 
     let notifier = Arc::new(Notifier::from_env());
     let semaphore = Arc::new(Semaphore::new(cfg.files_in_flight));
@@ -281,7 +287,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     // Deliver what is committed, within what is left of the grace period.
-    let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), deliverer).await;
+    let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), async {
+        while deliverers.join_next().await.is_some() {}
+    })
+    .await;
+    deliverers.abort_all();
     drop(shared);
     let _ = tokio::task::spawn_blocking(move || analyzer.join()).await;
     tasks.abort_all();
@@ -796,7 +806,7 @@ async fn fetch(shared: &Shared, obj: &ObjectRef) -> Result<(Vec<u8>, Option<Stri
 struct Committer {
     store: Store,
     metrics: Arc<Metrics>,
-    sinks: Vec<crate::config::FileSinkConfig>,
+    sinks: Arc<Vec<Sink>>,
     outbox: Arc<Notify>,
 }
 
@@ -812,7 +822,7 @@ fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Dete
             job.failed,
         );
         if result.is_ok() {
-            shared.outbox.notify_one();
+            shared.outbox.notify_waiters();
         }
         let _ = job.reply.send(result);
     }
@@ -840,22 +850,14 @@ fn analyze_job(
         }
     }
     // One outbox entry per (sink, finding), ordered by a growing sequence number.
-    let mut outbox = Vec::new();
-    for f in &findings {
-        let bytes = serde_json::to_vec(f).unwrap_or_default();
-        for (i, sink) in shared.sinks.iter().enumerate() {
-            if f.severity >= sink.min_severity {
-                let seq = shared.store.next_id()?;
-                outbox.push((format!("{i:04}/{seq:020}"), bytes.clone()));
-            }
-        }
-    }
+    let outbox = outbox::entries_for(&shared.store, &shared.sinks, &findings)?;
     let entries: Vec<String> = std::iter::once(key).chain(alias).collect();
     let commit = Commit {
         ledger: if failed { Vec::new() } else { entries.clone() },
         failed: if failed { entries } else { Vec::new() },
         baselines: pipeline::dirty_baselines(det),
         outbox,
+        delivered: Vec::new(),
     };
     let n_outbox = commit.outbox.len() as i64;
     shared.store.commit(&commit)?;
@@ -880,26 +882,47 @@ fn analyze_job(
     Ok(JobOutcome::Committed)
 }
 
-/// Delivers outbox entries to their sinks; an entry leaves the outbox only once its sink
-/// accepted it (file sink: written and fsynced).
-async fn deliver_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Delivers one sink's outbox entries in order; an entry leaves the outbox only once
+/// the sink accepted it. One task per sink, so a sink that is down holds up no other.
+async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Backoff::new();
+    let name = shared.sinks[sink].name();
     loop {
-        let shared2 = shared.clone();
-        let result = tokio::task::spawn_blocking(move || deliver_batch(&shared2)).await;
-        match result {
-            Ok(Ok(0)) => {
-                if *shutdown.borrow() {
-                    return;
-                }
-                tokio::select! {
-                    _ = shared.outbox.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.changed() => {}
-                }
+        let notified = shared.outbox.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let batch = match outbox::pending(&shared.store, sink, 500) {
+            Ok(b) => b,
+            Err(e) => {
+                error!(sink = name, error = %e, "cannot read the outbox");
+                shared.metrics.error("outbox");
+                Vec::new()
             }
-            Ok(Ok(n)) => {
+        };
+        if batch.is_empty() {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let (keys, findings): (Vec<String>, Vec<Finding>) = batch.into_iter().unzip();
+        match shared.sinks[sink].deliver(&findings).await {
+            Ok(follow_ups) => {
                 backoff.reset();
+                let n = keys.len();
+                if let Err(e) = outbox::delivered(&shared.store, &shared.sinks, keys, &follow_ups) {
+                    error!(sink = name, error = %e, "delivered, but cannot record it: the batch may be delivered again");
+                    shared.metrics.error("outbox");
+                    continue;
+                }
+                if !follow_ups.is_empty() {
+                    shared.outbox.notify_waiters();
+                }
                 shared
                     .metrics
                     .delivered
@@ -909,12 +932,12 @@ async fn deliver_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
                     .outbox_depth
                     .store(shared.store.outbox_len() as i64, Ordering::Relaxed);
             }
-            Ok(Err(e)) => {
-                shared.metrics.error("sink-file");
-                warn!(
-                    error = e,
-                    "cannot deliver findings; they stay in the outbox and will be retried"
-                );
+            Err(e) => {
+                shared.metrics.error(match e {
+                    DeliveryError::Transient(_) => "sink-transient",
+                    DeliveryError::Permanent(_) => "sink-permanent",
+                });
+                warn!(sink = name, error = %e, "cannot deliver findings; they stay in the outbox and will be retried");
                 let wait = backoff.next();
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -924,63 +947,8 @@ async fn deliver_loop(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
                     return;
                 }
             }
-            Err(_) => return,
         }
     }
-}
-
-fn deliver_batch(shared: &Shared) -> Result<usize, String> {
-    let mut by_sink: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); shared.cfg.file_sinks.len()];
-    let mut n = 0;
-    for entry in shared.store.outbox_entries().take(1000) {
-        let (k, v) = entry.map_err(|e| e.to_string())?;
-        let sink: usize = k
-            .split('/')
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(usize::MAX);
-        match by_sink.get_mut(sink) {
-            Some(list) => list.push((k, v)),
-            None => {
-                // A sink removed from the config: its entries cannot be delivered.
-                warn!(
-                    entry = k,
-                    "outbox entry for a sink no longer configured; dropping it"
-                );
-                shared.store.outbox_remove(&k).map_err(|e| e.to_string())?;
-            }
-        }
-        n += 1;
-    }
-    if n == 0 {
-        return Ok(0);
-    }
-    let mut delivered = 0;
-    for (i, entries) in by_sink.into_iter().enumerate() {
-        if entries.is_empty() {
-            continue;
-        }
-        let path = &shared.cfg.file_sinks[i].path;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)?;
-            let mut buf = Vec::new();
-            for (_, v) in &entries {
-                buf.extend_from_slice(v);
-                buf.push(b'\n');
-            }
-            f.write_all(&buf)?;
-            f.sync_data()
-        };
-        write().map_err(|e| format!("file sink {}: {e}", path.display()))?;
-        for (k, _) in &entries {
-            shared.store.outbox_remove(k).map_err(|e| e.to_string())?;
-        }
-        delivered += entries.len();
-    }
-    Ok(delivered)
 }
 
 /// Capped exponential backoff with jitter: 0.5 s, 1 s, 2 s ... up to 30 s.

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod decode;
 pub mod event;
 pub mod inventory;
+pub mod outbox;
 pub mod pipeline;
 pub mod posture;
 pub mod report;

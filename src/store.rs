@@ -56,6 +56,8 @@ pub struct Commit {
     pub baselines: Vec<(String, Option<Vec<u8>>)>,
     /// Outbox entries (id -> serialized record).
     pub outbox: Vec<(String, Vec<u8>)>,
+    /// Outbox entries delivered, removed in the same transaction.
+    pub delivered: Vec<String>,
 }
 
 impl Commit {
@@ -64,6 +66,7 @@ impl Commit {
             && self.failed.is_empty()
             && self.baselines.is_empty()
             && self.outbox.is_empty()
+            && self.delivered.is_empty()
     }
 }
 
@@ -223,6 +226,9 @@ impl Store {
                             None => baselines.remove(k.as_bytes())?,
                         };
                     }
+                    for k in &c.delivered {
+                        outbox.remove(k.as_bytes())?;
+                    }
                     for (k, v) in &c.outbox {
                         outbox.insert(k.as_bytes(), v.as_slice())?;
                     }
@@ -243,6 +249,17 @@ impl Store {
         &self,
     ) -> impl Iterator<Item = Result<(String, Vec<u8>), StoreError>> + '_ {
         self.outbox.iter().map(|r| {
+            let (k, v) = r?;
+            Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+        })
+    }
+
+    /// Outbox entries whose key starts with `prefix` (one sink's), in key order.
+    pub fn outbox_prefix(
+        &self,
+        prefix: &str,
+    ) -> impl Iterator<Item = Result<(String, Vec<u8>), StoreError>> + '_ {
+        self.outbox.scan_prefix(prefix).map(|r| {
             let (k, v) = r?;
             Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
         })
@@ -308,6 +325,7 @@ mod tests {
                 failed: vec!["file:b".into()],
                 baselines: vec![("p".into(), Some(b"{}".to_vec()))],
                 outbox: vec![("0001".into(), b"x".to_vec())],
+                delivered: Vec::new(),
             })
             .unwrap();
             s.flush().unwrap();

@@ -1,0 +1,121 @@
+//! The way out: findings committed to the outbox (one entry per finding and sink that
+//! wants it, keyed `SINK/SEQUENCE` so each sink sees them in commit order) are delivered
+//! by sink, and an entry is removed only after its sink accepted it. A sink may answer
+//! with follow-up findings (e.g. what a remediation did); those are committed to the
+//! outbox for the other sinks in the same transaction that removes the delivered entries.
+
+use crate::analyze::finding::Finding;
+use crate::config::FileSinkConfig;
+use crate::store::{Commit, Store, StoreError};
+use std::io::Write;
+
+/// Why a delivery failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliveryError {
+    /// Try again later (the receiver is down, busy, or timed out).
+    #[error("{0} (will retry)")]
+    Transient(String),
+    /// Retrying will not help (rejected as malformed, unauthorized).
+    #[error("{0} (will not retry)")]
+    Permanent(String),
+}
+
+/// A consumer of the outbox. A closed set: add a variant to add a kind of sink.
+pub enum Sink {
+    /// Appends JSON Lines to a file and fsyncs.
+    File(FileSinkConfig),
+}
+
+impl Sink {
+    pub fn name(&self) -> String {
+        match self {
+            Sink::File(f) => format!("file:{}", f.path.display()),
+        }
+    }
+
+    /// Whether this sink wants the finding at all (decided when the finding is
+    /// committed).
+    pub fn accepts(&self, f: &Finding) -> bool {
+        match self {
+            Sink::File(c) => f.severity >= c.min_severity,
+        }
+    }
+
+    /// Delivers a batch (all or nothing); returns follow-up findings to enqueue.
+    pub async fn deliver(&self, batch: &[Finding]) -> Result<Vec<Finding>, DeliveryError> {
+        match self {
+            Sink::File(c) => {
+                let path = c.path.clone();
+                let mut buf = Vec::new();
+                for f in batch {
+                    serde_json::to_writer(&mut buf, f)
+                        .map_err(|e| DeliveryError::Permanent(e.to_string()))?;
+                    buf.push(b'\n');
+                }
+                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    let mut file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)?;
+                    file.write_all(&buf)?;
+                    file.sync_data()
+                })
+                .await
+                .map_err(|e| DeliveryError::Transient(e.to_string()))?
+                .map_err(|e| {
+                    DeliveryError::Transient(format!("file sink {}: {e}", c.path.display()))
+                })?;
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
+/// Outbox entries for `findings`: one per (sink that accepts it, finding).
+pub fn entries_for(
+    store: &Store,
+    sinks: &[Sink],
+    findings: &[Finding],
+) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    let mut out = Vec::new();
+    for f in findings {
+        let bytes = serde_json::to_vec(f).unwrap_or_default();
+        for (i, sink) in sinks.iter().enumerate() {
+            if sink.accepts(f) {
+                let seq = store.next_id()?;
+                out.push((format!("{i:04}/{seq:020}"), bytes.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The next batch of one sink's entries (at most `max`), oldest first.
+pub fn pending(
+    store: &Store,
+    sink: usize,
+    max: usize,
+) -> Result<Vec<(String, Finding)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in store.outbox_prefix(&format!("{sink:04}/")).take(max) {
+        let (k, v) = entry?;
+        let f: Finding = crate::store::decode("outbox", &k, &v)?;
+        out.push((k, f));
+    }
+    Ok(out)
+}
+
+/// Records a delivered batch: removes its entries and enqueues follow-ups, atomically.
+pub fn delivered(
+    store: &Store,
+    sinks: &[Sink],
+    keys: Vec<String>,
+    follow_ups: &[Finding],
+) -> Result<(), StoreError> {
+    let outbox = entries_for(store, sinks, follow_ups)?;
+    store.commit(&Commit {
+        delivered: keys,
+        outbox,
+        ..Commit::default()
+    })
+}
