@@ -19,7 +19,7 @@ pub struct Cli {
 pub enum Command {
     /// Replay CloudTrail log files or folders through the rules and print findings.
     #[command(
-        after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format jsonl --output findings.jsonl AWSLogs/\n  kmsguard replay --rules my-rules.toml --fail-on high trail-export/\n  kmsguard replay --jobs 1 --summary json big.json.gz\n\nFolders are read recursively: *.json.gz and *.json files, CloudTrail-Digest files skipped.\nExit codes: 0 done; 1 a finding at or above --fail-on; 2 bad arguments, rules or paths."
+        after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format jsonl --output findings.jsonl AWSLogs/\n  kmsguard replay s3://trail-bucket/prefix --from 2026-10-01 --to 2026-10-02T06:00:00Z --account 111122223333\n  kmsguard replay --rules my-rules.toml --fail-on high trail-export/\n  kmsguard replay --jobs 1 --summary json big.json.gz\n\nFolders are read recursively: *.json.gz and *.json files, CloudTrail-Digest files skipped.\nExit codes: 0 done; 1 a finding at or above --fail-on; 2 bad arguments, rules or paths."
     )]
     Replay(ReplayArgs),
     /// Audit every customer-managed KMS key against best practice (rotation, policies,
@@ -80,9 +80,23 @@ pub enum SummaryFormat {
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
-    /// CloudTrail log files (*.json.gz, *.json) or folders of them.
+    /// CloudTrail log files (*.json.gz, *.json) or folders of them, or a trail bucket
+    /// `s3://BUCKET/PREFIX` (with --from).
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+    /// Read only log files whose name stamp is at or after TIME (`2026-10-01T12:00:00Z`
+    /// or `2026-10-01`); required for s3:// sources.
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// Read only log files whose name stamp is at or before TIME [default: now].
+    #[arg(long, value_name = "TIME")]
+    pub to: Option<String>,
+    /// s3:// sources: read only this account (repeatable) [default: every account found].
+    #[arg(long, value_name = "ID")]
+    pub account: Vec<String>,
+    /// s3:// sources: read only this region (repeatable) [default: every region found].
+    #[arg(long, value_name = "REGION")]
+    pub region: Vec<String>,
     /// Output format [default: table on a terminal, jsonl otherwise].
     #[arg(long, value_enum)]
     pub format: Option<Format>,

@@ -47,7 +47,9 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     for extra in &args.extra_rules {
         rules.extend(RuleSet::load(extra)?)?;
     }
-    let (files, digests) = source::collect_files(&args.paths)?;
+    let inputs = gather_inputs(&args)?;
+    let files = inputs.inputs;
+    let digests = inputs.digests;
     let format = args.format.unwrap_or(
         if std::io::stdout().is_terminal() && args.output.is_none() {
             Format::Table
@@ -56,7 +58,18 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         },
     );
     let opts = ReplayOptions {
-        jobs: args.jobs.unwrap_or_else(pipeline::default_jobs).max(1),
+        // Remote inputs wait on the network: more workers than cores keep it busy (each
+        // holds at most one object in memory).
+        jobs: args
+            .jobs
+            .unwrap_or_else(|| {
+                if inputs.remote {
+                    (pipeline::default_jobs() * 4).max(8)
+                } else {
+                    pipeline::default_jobs()
+                }
+            })
+            .max(1),
         limits: DecodeLimits {
             scan: ScanLimits {
                 max_record_bytes: args.max_record_bytes,
@@ -72,6 +85,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         },
         learn_only: args.learn_only,
         track_activity: args.state.is_some(),
+        s3: inputs.s3,
     };
     let store = match &args.state {
         Some(dir) => Store::open(dir)?,
@@ -88,7 +102,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
                     eprint!("\r\x1b[2K");
                 }
                 let level = if p.is_note() { "note" } else { "warning" };
-                eprintln!("{level}: {}: {p}", done.file.path.display());
+                eprintln!("{level}: {}: {p}", done.file.name());
             }
         }
         if show_progress
@@ -104,6 +118,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         eprint!("\r\x1b[2K");
     }
     outcome.stats.digests_skipped = digests;
+    outcome.stats.list_requests = inputs.list_requests;
     if args.enrich || args.state.is_some() {
         let activity = outcome.activity.take();
         replay_inventory(&args, activity, &store, &mut outcome.findings)?;
@@ -153,6 +168,107 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a replay reads, and how.
+struct Inputs {
+    inputs: Vec<source::LogInput>,
+    digests: u64,
+    /// Some when an input is in S3.
+    s3: Option<kmsguard::source::s3::S3Reader>,
+    remote: bool,
+    list_requests: u64,
+    /// Keeps the runtime the S3 reader blocks on alive for the replay.
+    _runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Expands the replay's PATH arguments (local paths and s3:// URLs) into inputs in time
+/// order, within --from/--to.
+fn gather_inputs(args: &ReplayArgs) -> Result<Inputs> {
+    use kmsguard::source::s3::{self, ListScope, Window};
+    let from = match &args.from {
+        Some(t) => Some(s3::parse_when(t).with_context(|| {
+            format!("--from {t}: not a time (write 2026-10-01T12:00:00Z or 2026-10-01)")
+        })?),
+        None => None,
+    };
+    let to = match &args.to {
+        Some(t) => s3::parse_when(t).with_context(|| {
+            format!("--to {t}: not a time (write 2026-10-01T12:00:00Z or 2026-10-01)")
+        })?,
+        None => inventory::now_secs(),
+    };
+    if let Some(f) = from {
+        if f > to {
+            anyhow::bail!("--from is after --to: nothing to read");
+        }
+    }
+    let (urls, local): (Vec<_>, Vec<_>) = args
+        .paths
+        .iter()
+        .partition(|p| p.to_string_lossy().starts_with("s3://"));
+    let local: Vec<std::path::PathBuf> = local.into_iter().cloned().collect();
+    let window = Window {
+        from: from.unwrap_or(i64::MIN / 2),
+        to,
+    };
+    let mut out = Inputs {
+        inputs: Vec::new(),
+        digests: 0,
+        s3: None,
+        remote: !urls.is_empty(),
+        list_requests: 0,
+        _runtime: None,
+    };
+    if !local.is_empty() {
+        let (files, digests) = source::collect_files(&local)?;
+        out.digests += digests;
+        let windowed = args.from.is_some() || args.to.is_some();
+        out.inputs.extend(
+            files
+                .into_iter()
+                .filter(|f| {
+                    !windowed
+                        || s3::stamp_secs(&f.path.to_string_lossy())
+                            .is_some_and(|t| window.contains(t))
+                })
+                .map(source::LogInput::Local),
+        );
+    }
+    if !urls.is_empty() {
+        if from.is_none() {
+            anyhow::bail!(
+                "s3:// sources need --from TIME (and optionally --to TIME): only the day prefixes in that range are listed"
+            );
+        }
+        let rt = runtime()?;
+        let settings = kmsguard::aws::AwsSettings::from_env();
+        let sdk = rt.block_on(kmsguard::aws::sdk_config(&settings));
+        let client = kmsguard::aws::s3_client(&sdk, &settings);
+        let scope = ListScope {
+            accounts: args.account.clone(),
+            regions: args.region.clone(),
+        };
+        for url in urls {
+            let url = url.to_string_lossy();
+            let (bucket, prefix) = s3::parse_url(&url)?;
+            let listing = rt
+                .block_on(s3::list_window(&client, &bucket, &prefix, window, &scope))
+                .with_context(|| format!("cannot list {url}"))?;
+            out.list_requests += listing.requests;
+            out.digests += listing.digests;
+            out.inputs
+                .extend(listing.objects.into_iter().map(source::LogInput::S3));
+        }
+        out.s3 = Some(s3::S3Reader::new(client, rt.handle().clone()));
+        out._runtime = Some(rt);
+    }
+    // Time order across every source (baselines depend on it).
+    out.inputs.sort_by_cached_key(|i| {
+        let name = i.name();
+        (s3::stamp_secs(&name).unwrap_or_default(), name)
+    });
+    Ok(out)
 }
 
 /// A runtime for the AWS calls of one command (the replay itself runs on its own threads).

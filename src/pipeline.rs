@@ -8,8 +8,8 @@ use crate::analyze::finding::Finding;
 use crate::analyze::rule::RuleSet;
 use crate::decode::{DecodeLimits, Decoder, FileReport};
 use crate::inventory::activity::Activity;
-use crate::source::files::ledger_key;
-use crate::source::LogFile;
+use crate::source::s3::S3Reader;
+use crate::source::LogInput;
 use crate::store::{self, Commit, Store, StoreError};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc;
@@ -27,6 +27,8 @@ pub struct ReplayOptions {
     pub learn_only: bool,
     /// Record when each key was last seen, used and changed (for the key inventory).
     pub track_activity: bool,
+    /// How workers read `LogInput::S3` objects (None: such inputs fail as unreadable).
+    pub s3: Option<S3Reader>,
 }
 
 impl Default for ReplayOptions {
@@ -37,6 +39,7 @@ impl Default for ReplayOptions {
             baselines: Some(BaselineConfig::default()),
             learn_only: false,
             track_activity: false,
+            s3: None,
         }
     }
 }
@@ -62,6 +65,10 @@ pub struct ReplayStats {
     /// Files whose baseline effects were already in the state store (not counted twice).
     pub files_already_learned: u64,
     pub principals: u64,
+    /// S3 ListObjectsV2 requests made to find the inputs (s3:// sources).
+    pub list_requests: u64,
+    /// Requests to the CloudTrail API (cloudtrail:// sources).
+    pub api_requests: u64,
     pub elapsed_secs: f64,
     /// Peak resident memory of the process, when the OS tells it.
     pub peak_rss_bytes: Option<u64>,
@@ -79,7 +86,7 @@ impl ReplayStats {
 
 /// One file finished: what the collector tells its caller after each file.
 pub struct FileDone<'a> {
-    pub file: &'a LogFile,
+    pub file: &'a LogInput,
     pub report: &'a FileReport,
     pub files_done: usize,
     pub files_total: usize,
@@ -171,7 +178,7 @@ type WorkerResult = (usize, FileReport, Vec<Finding>, Vec<Observation>);
 /// (the order of `files`: time order for CloudTrail names). `on_file` is called on the
 /// calling thread after each file (for progress and problem reports).
 pub fn replay(
-    files: &[LogFile],
+    files: &[LogInput],
     rules: &RuleSet,
     opts: &ReplayOptions,
     store: &Store,
@@ -184,7 +191,7 @@ pub fn replay(
         moved: Condvar::new(),
         window: jobs * 4,
     };
-    let bytes_total: u64 = files.iter().map(|f| f.size).sum();
+    let bytes_total: u64 = files.iter().map(LogInput::size).sum();
     let mut stats = ReplayStats::default();
     let mut findings = Vec::new();
     let mut seen = HashSet::new();
@@ -205,14 +212,32 @@ pub fn replay(
                 let mut act = Activity::default();
                 while let Some(i) = dispatch.take(files.len()) {
                     let file = &files[i];
-                    let name = file.path.display().to_string();
+                    let name = file.name();
+                    let s3 = opts.s3.as_ref();
                     let a = analyze(rules, &name, with_baselines, |on_event| {
-                        decoder.decode_file(&file.path, &mut |ev| {
+                        let mut each = |ev: &crate::event::Event<'_>| {
                             if track {
                                 act.observe(ev);
                             }
                             on_event(ev);
-                        })
+                        };
+                        match file {
+                            LogInput::Local(f) => decoder.decode_file(&f.path, &mut each),
+                            LogInput::S3(obj) => match s3.map(|r| r.get(obj)) {
+                                Some(Ok(bytes)) => decoder.decode_bytes(
+                                    &bytes,
+                                    obj.key.ends_with(".gz"),
+                                    &mut each,
+                                ),
+                                Some(Err(e)) => crate::decode::failure(e.to_string()),
+                                None => crate::decode::failure(
+                                    "no S3 client for this replay".to_string(),
+                                ),
+                            },
+                            LogInput::Memory { bytes, .. } => {
+                                decoder.decode_bytes(bytes, false, &mut each)
+                            }
+                        }
                     });
                     if tx.send((i, a.report, a.findings, a.observations)).is_err() {
                         break;
@@ -238,7 +263,7 @@ pub fn replay(
             while let Some((i, report, found, observed)) = pending.remove(&needed) {
                 needed += 1;
                 dispatch.advance(needed);
-                bytes_done += files[i].size;
+                bytes_done += files[i].size();
                 let s = &report.stats;
                 stats.files += 1;
                 stats.bad_files += u64::from(report.is_bad());
@@ -253,7 +278,7 @@ pub fn replay(
                     }
                 }
                 if let (Some(det), None) = (detector.as_mut(), failure.as_ref()) {
-                    let key = ledger_key(&files[i]);
+                    let key = files[i].ledger_key();
                     let mut step = || -> Result<(), StoreError> {
                         match learn(det, store, &key, &observed, !opts.learn_only)? {
                             Some(anomalies) => {

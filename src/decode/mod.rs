@@ -555,6 +555,15 @@ fn finish(
     FileReport { stats, problems }
 }
 
+/// The report of an input that could not be read at all (e.g. an S3 download that failed
+/// after its retries): no events, one `Io` problem.
+pub fn failure(why: String) -> FileReport {
+    FileReport {
+        stats: FileStats::default(),
+        problems: vec![DecodeProblem::Io(why)],
+    }
+}
+
 fn io_failure(e: std::io::Error) -> FileReport {
     FileReport {
         stats: FileStats::default(),

@@ -1,8 +1,56 @@
-//! Where CloudTrail log files come from. Today: local files and folders (`files`).
-//! Every source yields `LogFile`s; the decoder does not know where bytes came from
-//! beyond the name carried into findings.
+//! Where CloudTrail log files come from: local files and folders (`files`), a trail
+//! bucket in S3 (`s3`), and SQS notifications (`notification`, for the daemon). Every
+//! source yields `LogInput`s in time order; the decoder does not know where bytes came
+//! from beyond the name carried into findings.
 
 pub mod files;
 pub mod notification;
+pub mod s3;
 
 pub use files::{collect_files, LogFile, SourceError};
+pub use s3::S3Object;
+
+/// One unit of input for the replay pipeline: a file on disk, an object in S3 (fetched
+/// by a worker), or a batch already in memory (a `{"Records":[...]}` document, e.g.
+/// events from the CloudTrail API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogInput {
+    Local(LogFile),
+    S3(S3Object),
+    Memory {
+        /// Shown in findings' `file` and in problem reports.
+        name: String,
+        /// The ledger entry of this batch.
+        ledger: String,
+        bytes: Vec<u8>,
+    },
+}
+
+impl LogInput {
+    /// The name shown in findings and problem reports.
+    pub fn name(&self) -> String {
+        match self {
+            LogInput::Local(f) => f.path.display().to_string(),
+            LogInput::S3(o) => o.url(),
+            LogInput::Memory { name, .. } => name.clone(),
+        }
+    }
+
+    /// Bytes to read (compressed size), for progress.
+    pub fn size(&self) -> u64 {
+        match self {
+            LogInput::Local(f) => f.size,
+            LogInput::S3(o) => o.size,
+            LogInput::Memory { bytes, .. } => bytes.len() as u64,
+        }
+    }
+
+    /// The ledger key under which the input's baseline effects are committed once.
+    pub fn ledger_key(&self) -> String {
+        match self {
+            LogInput::Local(f) => files::ledger_key(f),
+            LogInput::S3(o) => o.ledger_key(),
+            LogInput::Memory { ledger, .. } => ledger.clone(),
+        }
+    }
+}

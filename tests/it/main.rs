@@ -3,6 +3,7 @@
 
 mod baselines;
 mod daemon;
+mod forensic;
 mod moto_smoke;
 mod posture;
 mod replay;
