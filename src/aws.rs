@@ -65,3 +65,13 @@ pub fn kms_client(config: &SdkConfig, region: Option<&str>) -> aws_sdk_kms::Clie
     }
     aws_sdk_kms::Client::from_conf(b.build())
 }
+
+/// A CloudTrail client for one region, without the SDK's own retries: the caller paces
+/// LookupEvents (2 requests per second) and backs off on throttling itself, so every
+/// attempt is counted and paced.
+pub fn cloudtrail_client(config: &SdkConfig, region: &str) -> aws_sdk_cloudtrail::Client {
+    let b = aws_sdk_cloudtrail::config::Builder::from(config)
+        .region(Region::new(region.to_string()))
+        .retry_config(aws_sdk_cloudtrail::config::retry::RetryConfig::disabled());
+    aws_sdk_cloudtrail::Client::from_conf(b.build())
+}

@@ -47,8 +47,8 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     for extra in &args.extra_rules {
         rules.extend(RuleSet::load(extra)?)?;
     }
-    let inputs = gather_inputs(&args)?;
-    let files = inputs.inputs;
+    let mut inputs = gather_inputs(&args)?;
+    let files = std::mem::take(&mut inputs.inputs);
     let digests = inputs.digests;
     let format = args.format.unwrap_or(
         if std::io::stdout().is_terminal() && args.output.is_none() {
@@ -85,7 +85,8 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         },
         learn_only: args.learn_only,
         track_activity: args.state.is_some(),
-        s3: inputs.s3,
+        s3: inputs.s3.clone(),
+        lookup: inputs.lookup.clone(),
     };
     let store = match &args.state {
         Some(dir) => Store::open(dir)?,
@@ -119,6 +120,10 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     }
     outcome.stats.digests_skipped = digests;
     outcome.stats.list_requests = inputs.list_requests;
+    if let Some(l) = &inputs.lookup {
+        outcome.stats.api_requests = l.requests.load(std::sync::atomic::Ordering::Relaxed);
+        outcome.stats.api_throttled = l.throttled.load(std::sync::atomic::Ordering::Relaxed);
+    }
     if args.enrich || args.state.is_some() {
         let activity = outcome.activity.take();
         replay_inventory(&args, activity, &store, &mut outcome.findings)?;
@@ -176,6 +181,8 @@ struct Inputs {
     digests: u64,
     /// Some when an input is in S3.
     s3: Option<kmsguard::source::s3::S3Reader>,
+    /// Some when an input is the CloudTrail API.
+    lookup: Option<kmsguard::source::lookup_events::LookupReader>,
     remote: bool,
     list_requests: u64,
     /// Keeps the runtime the S3 reader blocks on alive for the replay.
@@ -203,11 +210,18 @@ fn gather_inputs(args: &ReplayArgs) -> Result<Inputs> {
             anyhow::bail!("--from is after --to: nothing to read");
         }
     }
-    let (urls, local): (Vec<_>, Vec<_>) = args
-        .paths
-        .iter()
-        .partition(|p| p.to_string_lossy().starts_with("s3://"));
-    let local: Vec<std::path::PathBuf> = local.into_iter().cloned().collect();
+    use kmsguard::source::lookup_events;
+    let (mut urls, mut apis, mut local) = (Vec::new(), Vec::new(), Vec::new());
+    for p in &args.paths {
+        let text = p.to_string_lossy().into_owned();
+        if text.starts_with("s3://") {
+            urls.push(text);
+        } else if text.starts_with("cloudtrail://") {
+            apis.push(lookup_events::parse_url(&text)?);
+        } else {
+            local.push(p.clone());
+        }
+    }
     let window = Window {
         from: from.unwrap_or(i64::MIN / 2),
         to,
@@ -216,7 +230,8 @@ fn gather_inputs(args: &ReplayArgs) -> Result<Inputs> {
         inputs: Vec::new(),
         digests: 0,
         s3: None,
-        remote: !urls.is_empty(),
+        lookup: None,
+        remote: !urls.is_empty() || !apis.is_empty(),
         list_requests: 0,
         _runtime: None,
     };
@@ -235,23 +250,42 @@ fn gather_inputs(args: &ReplayArgs) -> Result<Inputs> {
                 .map(source::LogInput::Local),
         );
     }
-    if !urls.is_empty() {
-        if from.is_none() {
-            anyhow::bail!(
-                "s3:// sources need --from TIME (and optionally --to TIME): only the day prefixes in that range are listed"
-            );
+    if out.remote && from.is_none() {
+        anyhow::bail!(
+            "s3:// and cloudtrail:// sources need --from TIME (and optionally --to TIME): only that range is read"
+        );
+    }
+    let rt = if out.remote { Some(runtime()?) } else { None };
+    let settings = kmsguard::aws::AwsSettings::from_env();
+    let sdk = rt
+        .as_ref()
+        .map(|rt| rt.block_on(kmsguard::aws::sdk_config(&settings)));
+    if let (Some(rt), Some(sdk)) = (&rt, &sdk) {
+        if !apis.is_empty() {
+            apis.sort();
+            apis.dedup();
+            for region in &apis {
+                out.inputs.extend(
+                    lookup_events::slices(region, window.from, window.to)
+                        .into_iter()
+                        .map(source::LogInput::Api),
+                );
+            }
+            out.lookup = Some(lookup_events::LookupReader::new(
+                sdk,
+                &apis,
+                rt.handle().clone(),
+            ));
         }
-        let rt = runtime()?;
-        let settings = kmsguard::aws::AwsSettings::from_env();
-        let sdk = rt.block_on(kmsguard::aws::sdk_config(&settings));
-        let client = kmsguard::aws::s3_client(&sdk, &settings);
+    }
+    if let (Some(rt), Some(sdk), false) = (&rt, &sdk, urls.is_empty()) {
+        let client = kmsguard::aws::s3_client(sdk, &settings);
         let scope = ListScope {
             accounts: args.account.clone(),
             regions: args.region.clone(),
         };
-        for url in urls {
-            let url = url.to_string_lossy();
-            let (bucket, prefix) = s3::parse_url(&url)?;
+        for url in &urls {
+            let (bucket, prefix) = s3::parse_url(url)?;
             let listing = rt
                 .block_on(s3::list_window(&client, &bucket, &prefix, window, &scope))
                 .with_context(|| format!("cannot list {url}"))?;
@@ -260,14 +294,14 @@ fn gather_inputs(args: &ReplayArgs) -> Result<Inputs> {
             out.inputs
                 .extend(listing.objects.into_iter().map(source::LogInput::S3));
         }
-        out.s3 = Some(s3::S3Reader::new(client, rt.handle().clone()));
-        out._runtime = Some(rt);
+        let mut reader = s3::S3Reader::new(client, rt.handle().clone());
+        reader.max_bytes = args.max_file_bytes;
+        out.s3 = Some(reader);
     }
+    out._runtime = rt;
     // Time order across every source (baselines depend on it).
-    out.inputs.sort_by_cached_key(|i| {
-        let name = i.name();
-        (s3::stamp_secs(&name).unwrap_or_default(), name)
-    });
+    out.inputs
+        .sort_by_cached_key(|i| (i.start_secs().unwrap_or_default(), i.name()));
     Ok(out)
 }
 

@@ -8,6 +8,7 @@ use crate::analyze::finding::Finding;
 use crate::analyze::rule::RuleSet;
 use crate::decode::{DecodeLimits, Decoder, FileReport};
 use crate::inventory::activity::Activity;
+use crate::source::lookup_events::LookupReader;
 use crate::source::s3::S3Reader;
 use crate::source::LogInput;
 use crate::store::{self, Commit, Store, StoreError};
@@ -29,6 +30,8 @@ pub struct ReplayOptions {
     pub track_activity: bool,
     /// How workers read `LogInput::S3` objects (None: such inputs fail as unreadable).
     pub s3: Option<S3Reader>,
+    /// How workers read `LogInput::Api` slices (None: such inputs fail as unreadable).
+    pub lookup: Option<LookupReader>,
 }
 
 impl Default for ReplayOptions {
@@ -40,6 +43,7 @@ impl Default for ReplayOptions {
             learn_only: false,
             track_activity: false,
             s3: None,
+            lookup: None,
         }
     }
 }
@@ -69,6 +73,8 @@ pub struct ReplayStats {
     pub list_requests: u64,
     /// Requests to the CloudTrail API (cloudtrail:// sources).
     pub api_requests: u64,
+    /// Of those, requests that were throttled and retried.
+    pub api_throttled: u64,
     pub elapsed_secs: f64,
     /// Peak resident memory of the process, when the OS tells it.
     pub peak_rss_bytes: Option<u64>,
@@ -214,6 +220,7 @@ pub fn replay(
                     let file = &files[i];
                     let name = file.name();
                     let s3 = opts.s3.as_ref();
+                    let lookup = opts.lookup.as_ref();
                     let a = analyze(rules, &name, with_baselines, |on_event| {
                         let mut each = |ev: &crate::event::Event<'_>| {
                             if track {
@@ -232,6 +239,26 @@ pub fn replay(
                                 Some(Err(e)) => crate::decode::failure(e.to_string()),
                                 None => crate::decode::failure(
                                     "no S3 client for this replay".to_string(),
+                                ),
+                            },
+                            LogInput::Api(slice) => match lookup.map(|r| r.fetch(slice)) {
+                                Some(Ok((doc, bad))) => {
+                                    let mut report = decoder.decode_bytes(&doc, false, &mut each);
+                                    if bad > 0 {
+                                        report.problems.push(
+                                            crate::decode::DecodeProblem::InvalidJson {
+                                                count: bad,
+                                                first:
+                                                    "a CloudTrailEvent that is not a JSON object"
+                                                        .into(),
+                                            },
+                                        );
+                                    }
+                                    report
+                                }
+                                Some(Err(e)) => crate::decode::failure(e.to_string()),
+                                None => crate::decode::failure(
+                                    "no CloudTrail client for this replay".to_string(),
                                 ),
                             },
                             LogInput::Memory { bytes, .. } => {

@@ -4,19 +4,23 @@
 //! from beyond the name carried into findings.
 
 pub mod files;
+pub mod lookup_events;
 pub mod notification;
 pub mod s3;
 
 pub use files::{collect_files, LogFile, SourceError};
+pub use lookup_events::ApiSlice;
 pub use s3::S3Object;
 
-/// One unit of input for the replay pipeline: a file on disk, an object in S3 (fetched
-/// by a worker), or a batch already in memory (a `{"Records":[...]}` document, e.g.
+/// One unit of input for the replay pipeline: a file on disk, an object in S3 or a slice
+/// of time from the CloudTrail API (both fetched by a worker), or a batch already in memory (a `{"Records":[...]}` document, e.g.
 /// events from the CloudTrail API).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogInput {
     Local(LogFile),
     S3(S3Object),
+    /// A slice of time read from the CloudTrail API (LookupEvents).
+    Api(ApiSlice),
     Memory {
         /// Shown in findings' `file` and in problem reports.
         name: String,
@@ -32,6 +36,7 @@ impl LogInput {
         match self {
             LogInput::Local(f) => f.path.display().to_string(),
             LogInput::S3(o) => o.url(),
+            LogInput::Api(s) => s.name(),
             LogInput::Memory { name, .. } => name.clone(),
         }
     }
@@ -41,7 +46,20 @@ impl LogInput {
         match self {
             LogInput::Local(f) => f.size,
             LogInput::S3(o) => o.size,
+            // Unknown until read; progress counts slices.
+            LogInput::Api(_) => 0,
             LogInput::Memory { bytes, .. } => bytes.len() as u64,
+        }
+    }
+
+    /// When the input starts, in seconds since the epoch: the stamp in a log file's name,
+    /// a slice's start; None when unknown (sorted first).
+    pub fn start_secs(&self) -> Option<i64> {
+        match self {
+            LogInput::Local(f) => s3::stamp_secs(&f.path.to_string_lossy()),
+            LogInput::S3(o) => o.stamp_secs(),
+            LogInput::Api(s) => Some(s.from),
+            LogInput::Memory { .. } => None,
         }
     }
 
@@ -50,6 +68,7 @@ impl LogInput {
         match self {
             LogInput::Local(f) => files::ledger_key(f),
             LogInput::S3(o) => o.ledger_key(),
+            LogInput::Api(s) => s.ledger_key(),
             LogInput::Memory { ledger, .. } => ledger.clone(),
         }
     }

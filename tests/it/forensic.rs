@@ -270,3 +270,185 @@ async fn s3_one_day_of_a_30_day_bucket_lists_few_prefixes() {
         all.len()
     );
 }
+
+/// The LookupEvents stub (tests/servers/lookup_events_stub.py), killed on drop.
+struct LookupStub {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl LookupStub {
+    fn start(corpus: &Path, throttle_every: u32) -> LookupStub {
+        let port = free_port();
+        let child = std::process::Command::new(python())
+            .arg(repo().join("tests/servers/lookup_events_stub.py"))
+            .arg(port.to_string())
+            .arg(corpus)
+            .arg(throttle_every.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the LookupEvents stub");
+        let stub = LookupStub { port, child };
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "stub did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        stub
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    /// GET /stats.
+    fn stats(&self) -> Value {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.write_all(b"GET /stats HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        serde_json::from_str(body).unwrap()
+    }
+}
+
+impl Drop for LookupStub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every record of the ctgen corpus in `dir`.
+fn records(dir: &Path) -> Vec<Value> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    for p in files_under(dir) {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&p).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        let doc: Value = serde_json::from_str(&text).unwrap();
+        out.extend(doc["Records"].as_array().unwrap().iter().cloned());
+    }
+    out
+}
+
+#[test]
+fn lookup_events_path_finds_the_same_incidents() {
+    let corpus = generate(&[
+        "--hours",
+        "6",
+        "--events-per-hour",
+        "600",
+        "--scenarios",
+        "key_deletion_scheduled,key_disabled,policy_public,grant_external,root_kms_usage,denied_decrypt_burst,reencrypt_to_external_key",
+        "--warmup",
+        "0.3",
+        "--seed",
+        "9",
+    ]);
+    let stub = LookupStub::start(&corpus, 4);
+    let mut cmd = bin();
+    cmd.args([
+        "replay",
+        "cloudtrail://us-east-1",
+        "--from",
+        "2026-10-01T00:00:00Z",
+        "--to",
+        "2026-10-01T05:59:59Z",
+        "--format",
+        "jsonl",
+        "--summary",
+        "json",
+        "--quiet",
+    ])
+    .envs(stub.env());
+    let started = Instant::now();
+    let o = run(&mut cmd);
+    let wall = started.elapsed().as_secs_f64();
+    assert!(o.status.success(), "replay failed: {}", stderr(&o));
+    let api = jsonl(&stdout(&o));
+    let summary: Value = stderr(&o)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("JSON summary");
+
+    // What the API holds for that query: KMS events of us-east-1 in the window, replayed
+    // locally as one file in time order.
+    let mut served: Vec<Value> = records(&corpus)
+        .into_iter()
+        .filter(|r| {
+            r["eventSource"] == "kms.amazonaws.com"
+                && r["awsRegion"] == "us-east-1"
+                && r["eventTime"].as_str().unwrap() <= "2026-10-01T05:59:59Z"
+        })
+        .collect();
+    served.sort_by(|a, b| a["eventTime"].as_str().cmp(&b["eventTime"].as_str()));
+    assert!(served.len() > 100, "{} events", served.len());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("served.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(&serde_json::json!({ "Records": served })).unwrap(),
+    )
+    .unwrap();
+    let (local, _, code) = replay_jsonl(&[&file], &[]);
+    assert_eq!(code, 0);
+    assert_eq!(summary["stats"]["kms_records"], served.len() as u64);
+    assert_eq!(
+        ids(&api),
+        ids(&local),
+        "LookupEvents findings = local findings"
+    );
+
+    // Every injected incident whose events the API serves is found.
+    let served_ids: BTreeSet<String> = served
+        .iter()
+        .map(|r| r["eventID"].as_str().unwrap().to_string())
+        .collect();
+    let found: BTreeSet<String> = api.iter().flat_map(|f| strs(&f["event_ids"])).collect();
+    let mut checked = 0;
+    for inc in truth(&corpus) {
+        let evs = strs(&inc["eventIDs"]);
+        if evs.iter().all(|e| served_ids.contains(e)) {
+            checked += 1;
+            assert!(
+                evs.iter().any(|e| found.contains(e)),
+                "incident {} not found through LookupEvents",
+                inc["scenario"]
+            );
+        }
+    }
+    assert!(checked >= 3, "{checked} incidents checked");
+
+    // Paced under 2 requests per second, throttling absorbed, every request counted.
+    let st = stub.stats();
+    assert_eq!(st["violations"], 0, "{st}");
+    assert_eq!(st["bad_requests"], 0, "{st}");
+    assert!(st["throttled"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(summary["stats"]["api_requests"], st["requests"]);
+    assert_eq!(summary["stats"]["api_throttled"], st["throttled"]);
+    assert!(st["pages"].as_u64().unwrap() > 6, "pagination used: {st}");
+    eprintln!(
+        "FIGURES: LookupEvents stub: {} events in {} pages, {} requests ({} throttled), {wall:.1} s, {checked} incidents checked, {} findings",
+        served.len(),
+        st["pages"],
+        st["requests"],
+        st["throttled"],
+        api.len()
+    );
+}
