@@ -94,6 +94,10 @@ pub struct ReplayArgs {
     /// s3:// sources: read only this account (repeatable) [default: every account found].
     #[arg(long, value_name = "ID")]
     pub account: Vec<String>,
+    /// Also write a self-contained HTML report (timeline per hour by operation with the
+    /// findings marked, per-principal and per-key tables, filters) to FILE.
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
     /// s3:// sources: read only this region (repeatable) [default: every region found].
     #[arg(long, value_name = "REGION")]
     pub region: Vec<String>,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod event;
+pub mod html_report;
 pub mod inventory;
 pub mod outbox;
 pub mod pipeline;
@@ -19,6 +20,7 @@ pub mod report;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod timeline;
 
 pub use analyze::finding::{Finding, Kind, Severity};
 pub use analyze::rule::RuleSet;

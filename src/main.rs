@@ -85,6 +85,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         },
         learn_only: args.learn_only,
         track_activity: args.state.is_some(),
+        timeline: args.report.is_some(),
         s3: inputs.s3.clone(),
         lookup: inputs.lookup.clone(),
     };
@@ -129,6 +130,21 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         replay_inventory(&args, activity, &store, &mut outcome.findings)?;
     }
 
+    if let (Some(path), Some(timeline)) = (&args.report, &outcome.timeline) {
+        let sources: Vec<String> = args.paths.iter().map(|p| p.display().to_string()).collect();
+        let mut title = format!("kmsguard replay of {}", sources.join(", "));
+        if args.from.is_some() || args.to.is_some() {
+            title.push_str(&format!(
+                " from {} to {}",
+                args.from.as_deref().unwrap_or("the start"),
+                args.to.as_deref().unwrap_or("now")
+            ));
+        }
+        let page =
+            kmsguard::html_report::render(&title, timeline, &outcome.findings, &outcome.stats);
+        std::fs::write(path, page)
+            .with_context(|| format!("cannot write the report {}", path.display()))?;
+    }
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(p)

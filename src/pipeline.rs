@@ -12,6 +12,7 @@ use crate::source::lookup_events::LookupReader;
 use crate::source::s3::S3Reader;
 use crate::source::LogInput;
 use crate::store::{self, Commit, Store, StoreError};
+use crate::timeline::Timeline;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc;
 use std::sync::{Condvar, Mutex};
@@ -28,6 +29,8 @@ pub struct ReplayOptions {
     pub learn_only: bool,
     /// Record when each key was last seen, used and changed (for the key inventory).
     pub track_activity: bool,
+    /// Count KMS activity per hour and per (principal, key) for the HTML report.
+    pub timeline: bool,
     /// How workers read `LogInput::S3` objects (None: such inputs fail as unreadable).
     pub s3: Option<S3Reader>,
     /// How workers read `LogInput::Api` slices (None: such inputs fail as unreadable).
@@ -42,6 +45,7 @@ impl Default for ReplayOptions {
             baselines: Some(BaselineConfig::default()),
             learn_only: false,
             track_activity: false,
+            timeline: false,
             s3: None,
             lookup: None,
         }
@@ -106,6 +110,8 @@ pub struct ReplayOutcome {
     pub stats: ReplayStats,
     /// Key activity, when `track_activity` was set.
     pub activity: Option<Activity>,
+    /// KMS activity per hour and per (principal, key), when `timeline` was set.
+    pub timeline: Option<Timeline>,
 }
 
 /// Hands out file indexes to workers, at most `window` ahead of the collector, so
@@ -205,6 +211,7 @@ pub fn replay(
     let with_baselines = detector.is_some();
     let mut failure: Option<StoreError> = None;
     let mut activity = None;
+    let mut timeline = None;
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel::<WorkerResult>(jobs * 4);
         let track = opts.track_activity;
@@ -216,6 +223,8 @@ pub fn replay(
             workers.push(scope.spawn(move || {
                 let mut decoder = Decoder::new(limits);
                 let mut act = Activity::default();
+                let mut tl = Timeline::default();
+                let with_timeline = opts.timeline;
                 while let Some(i) = dispatch.take(files.len()) {
                     let file = &files[i];
                     let name = file.name();
@@ -225,6 +234,9 @@ pub fn replay(
                         let mut each = |ev: &crate::event::Event<'_>| {
                             if track {
                                 act.observe(ev);
+                            }
+                            if with_timeline {
+                                tl.observe(ev);
                             }
                             on_event(ev);
                         };
@@ -270,7 +282,7 @@ pub fn replay(
                         break;
                     }
                 }
-                act
+                (act, tl)
             }));
         }
         drop(tx);
@@ -350,14 +362,19 @@ pub fn replay(
                 Err(e) => failure = Some(e),
             }
         }
-        if track {
-            let mut all = Activity::default();
-            for w in workers {
-                if let Ok(a) = w.join() {
-                    all.merge(a);
-                }
+        let mut all = Activity::default();
+        let mut all_tl = Timeline::default();
+        for w in workers {
+            if let Ok((a, t)) = w.join() {
+                all.merge(a);
+                all_tl.merge(t);
             }
+        }
+        if track {
             activity = Some(all);
+        }
+        if opts.timeline {
+            timeline = Some(all_tl);
         }
     });
     if let Some(e) = failure {
@@ -373,6 +390,7 @@ pub fn replay(
         findings,
         stats,
         activity,
+        timeline,
     })
 }
 

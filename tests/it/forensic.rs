@@ -452,3 +452,185 @@ fn lookup_events_path_finds_the_same_incidents() {
         api.len()
     );
 }
+
+/// The headless Chromium of the test machine ($KMSGUARD_CHROMIUM, else `chromium`;
+/// scripts/test installs it when missing).
+fn chromium(profile: &Path) -> std::process::Command {
+    let bin = std::env::var_os("KMSGUARD_CHROMIUM").unwrap_or_else(|| "chromium".into());
+    let mut c = std::process::Command::new(bin);
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=5000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
+/// The principal kmsguard's tables use: the role of an assumed role, else the ARN, else
+/// the calling service (computed here from the JSON, independently of kmsguard).
+fn principal_of(r: &Value) -> String {
+    let id = &r["userIdentity"];
+    if id["type"] == "AssumedRole" {
+        if let Some(a) = id["sessionContext"]["sessionIssuer"]["arn"].as_str() {
+            return a.to_string();
+        }
+    }
+    id["arn"]
+        .as_str()
+        .or(id["invokedBy"].as_str())
+        .or(id["principalId"].as_str())
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// Undoes the entity escapes of an attribute value in serialized HTML.
+fn unescape(s: &str) -> String {
+    s.replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+#[test]
+fn html_report_renders_the_replay_in_chromium() {
+    use std::collections::BTreeMap;
+    use std::io::Write;
+    let corpus = generate(&[
+        "--hours",
+        "8",
+        "--events-per-hour",
+        "400",
+        "--scenarios",
+        "key_deletion_scheduled,policy_public,root_kms_usage,denied_decrypt_burst",
+        "--warmup",
+        "0.3",
+        "--seed",
+        "21",
+    ]);
+    // A hostile record: markup in the principal and user agent must stay text.
+    let hostile = serde_json::json!({"Records": [{
+        "eventVersion": "1.09", "eventSource": "kms.amazonaws.com", "eventName": "Decrypt",
+        "eventTime": "2026-10-01T03:10:00Z", "eventID": "hostile-1", "awsRegion": "us-east-1",
+        "recipientAccountId": "111122223333", "sourceIPAddress": "203.0.113.9",
+        "userAgent": "</script><script>document.body.setAttribute('data-pwned','1')</script>",
+        "userIdentity": {"type": "IAMUser", "accountId": "111122223333",
+            "arn": "arn:aws:iam::111122223333:user/<img src=x onerror=\"document.body.setAttribute('data-pwned','2')\">"},
+        "resources": [{"type": "AWS::KMS::Key", "ARN": "arn:aws:kms:us-east-1:111122223333:key/hostile"}]
+    }]});
+    let hostile_path = corpus.join("AWSLogs/111122223333/CloudTrail/us-east-1/2026/10/01/111122223333_CloudTrail_us-east-1_20261001T0315Z_hostile0000000000.json.gz");
+    std::fs::create_dir_all(hostile_path.parent().unwrap()).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(hostile.to_string().as_bytes()).unwrap();
+    std::fs::write(&hostile_path, gz.finish().unwrap()).unwrap();
+
+    let out = tempfile::Builder::new()
+        .prefix("kmsguard-report-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let report = out.join("report.html");
+    let (findings, _, code) = replay_jsonl(
+        &[&corpus],
+        &["--report", report.to_str().unwrap(), "--quiet"],
+    );
+    assert_eq!(code, 0);
+    assert!(!findings.is_empty());
+
+    // Independent counts from the records.
+    let kms: Vec<Value> = records(&corpus)
+        .into_iter()
+        .filter(|r| r["eventSource"] == "kms.amazonaws.com")
+        .collect();
+    let mut per_hour: BTreeMap<String, u64> = BTreeMap::new();
+    let mut per_op: BTreeMap<String, u64> = BTreeMap::new();
+    let mut per_principal: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &kms {
+        let t = r["eventTime"].as_str().unwrap();
+        *per_hour.entry(format!("{}:00:00Z", &t[..13])).or_default() += 1;
+        *per_op
+            .entry(r["eventName"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        *per_principal.entry(principal_of(r)).or_default() += 1;
+    }
+
+    let profile = tempfile::tempdir().unwrap();
+    let o = chromium(profile.path())
+        .arg("--dump-dom")
+        .arg(format!("file://{}", report.display()))
+        .output()
+        .expect("chromium runs (scripts/test installs it; or set KMSGUARD_CHROMIUM)");
+    assert!(o.status.success(), "chromium: {}", stderr(&o));
+    let dom = stdout(&o);
+    assert!(dom.contains("data-rendered=\"1\""), "the page's script ran");
+    assert!(
+        !dom.contains("data-pwned=\""),
+        "markup from the logs was executed"
+    );
+    assert!(
+        !dom.contains("<img"),
+        "markup from the logs became an element"
+    );
+
+    // The chart: bars per hour and operation add up to the records'.
+    let bar = regex::Regex::new(
+        r#"<rect class="bar"[^>]*data-hour="([^"]*)" data-op="([^"]*)" data-count="(\d+)""#,
+    )
+    .unwrap();
+    let mut drawn_hour: BTreeMap<String, u64> = BTreeMap::new();
+    let mut drawn_op: BTreeMap<String, u64> = BTreeMap::new();
+    for c in bar.captures_iter(&dom) {
+        let n: u64 = c[3].parse().unwrap();
+        *drawn_hour.entry(c[1].to_string()).or_default() += n;
+        *drawn_op.entry(unescape(&c[2])).or_default() += n;
+    }
+    assert_eq!(drawn_hour, per_hour, "events per hour in the chart");
+    for (op, n) in &drawn_op {
+        if op != "(other)" {
+            assert_eq!(per_op.get(op), Some(n), "{op} in the chart");
+        }
+    }
+    assert_eq!(drawn_op.values().sum::<u64>(), kms.len() as u64);
+
+    // The principal table.
+    let row = regex::Regex::new(r#"<tr data-principal="([^"]*)" data-count="(\d+)">"#).unwrap();
+    let mut table: BTreeMap<String, u64> = BTreeMap::new();
+    for c in row.captures_iter(&dom) {
+        table.insert(unescape(&c[1]), c[2].parse().unwrap());
+    }
+    assert_eq!(table, per_principal, "events per principal in the table");
+    assert!(
+        dom.contains("user/&lt;img src=x onerror="),
+        "hostile ARN shown as text"
+    );
+
+    // Findings: one row each, and a marker for each on the chart.
+    assert_eq!(dom.matches("<tr data-rule=").count(), findings.len());
+    assert_eq!(dom.matches("class=\"marker ").count(), findings.len());
+
+    let shot = out.join("report.png");
+    let o = chromium(profile.path())
+        .args(["--window-size=1300,1400"])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", report.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chromium screenshot: {}", stderr(&o));
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    eprintln!(
+        "ARTIFACT: report {} ({} bytes), screenshot {}; {} KMS events, {} principals, {} findings",
+        report.display(),
+        std::fs::metadata(&report).unwrap().len(),
+        shot.display(),
+        kms.len(),
+        per_principal.len(),
+        findings.len()
+    );
+}

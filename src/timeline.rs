@@ -1,0 +1,279 @@
+//! What a replay saw of KMS, for the `--report` timeline: events per hour per operation,
+//! and per (principal, key) pair who used which key, how often, from where, first and last
+//! seen. Each worker fills its own `Timeline` while it decodes (no second pass); the
+//! replay merges them. Memory is bounded whatever the logs say: operation names, hours,
+//! pairs, and the sources and user agents kept per pair are capped, strings are
+//! truncated, and what did not fit is counted.
+
+use crate::event::Event;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Distinct operation names kept; others are counted as `Other`.
+pub const MAX_OPERATIONS: usize = 48;
+/// Distinct hours kept (400 days); events of other hours are counted as dropped.
+pub const MAX_HOURS: usize = 24 * 400;
+/// (principal, key) pairs kept; events of other pairs are counted as dropped.
+pub const MAX_PAIRS: usize = 20_000;
+/// Source addresses and user agents kept per pair.
+pub const MAX_SOURCES: usize = 8;
+const MAX_TEXT: usize = 300;
+
+/// One principal's use of one key (`-` for operations on no key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PairUse {
+    pub count: u64,
+    pub errors: u64,
+    pub first: String,
+    pub last: String,
+    pub sources: BTreeSet<String>,
+    pub user_agents: BTreeSet<String>,
+    pub operations: BTreeMap<String, u64>,
+}
+
+impl PairUse {
+    fn merge(&mut self, o: PairUse) {
+        self.count += o.count;
+        self.errors += o.errors;
+        if self.first.is_empty() || (!o.first.is_empty() && o.first < self.first) {
+            self.first = o.first;
+        }
+        if o.last > self.last {
+            self.last = o.last;
+        }
+        for s in o.sources {
+            insert_capped(&mut self.sources, s);
+        }
+        for u in o.user_agents {
+            insert_capped(&mut self.user_agents, u);
+        }
+        for (op, n) in o.operations {
+            if self.operations.len() < MAX_OPERATIONS || self.operations.contains_key(&op) {
+                *self.operations.entry(op).or_default() += n;
+            }
+        }
+    }
+}
+
+fn insert_capped(set: &mut BTreeSet<String>, v: String) {
+    if set.len() < MAX_SOURCES || set.contains(&v) {
+        set.insert(v);
+    }
+}
+
+fn text(s: &str) -> String {
+    crate::analyze::rule::clean(s, MAX_TEXT).collect()
+}
+
+/// One principal's KMS events.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrincipalUse {
+    pub count: u64,
+    pub errors: u64,
+    pub first: String,
+    pub last: String,
+}
+
+impl PrincipalUse {
+    fn merge(&mut self, o: PrincipalUse) {
+        self.count += o.count;
+        self.errors += o.errors;
+        if self.first.is_empty() || (!o.first.is_empty() && o.first < self.first) {
+            self.first = o.first;
+        }
+        if o.last > self.last {
+            self.last = o.last;
+        }
+    }
+}
+
+/// KMS activity over a replay.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    /// Hour start (seconds since the epoch) -> operation -> events.
+    pub hours: BTreeMap<i64, BTreeMap<String, u64>>,
+    pub pairs: HashMap<(String, String), PairUse>,
+    /// Events per principal (the stable identity: role ARN for assumed roles, as for
+    /// baselines), capped at `MAX_PAIRS` principals.
+    pub principals: HashMap<String, PrincipalUse>,
+    /// KMS events counted.
+    pub events: u64,
+    /// Events left out of `hours` (no or odd time, or beyond `MAX_HOURS`).
+    pub dropped_hours: u64,
+    /// Events left out of `pairs` (beyond `MAX_PAIRS`).
+    pub dropped_pairs: u64,
+    operations: BTreeSet<String>,
+}
+
+impl Timeline {
+    /// Counts one event (KMS events only; others are ignored).
+    pub fn observe(&mut self, ev: &Event<'_>) {
+        if ev.event_source() != Some(crate::event::KMS_SOURCE) {
+            return;
+        }
+        self.events += 1;
+        let op = self.operation(ev.event_name().unwrap_or("-"));
+        let time = ev.event_time().unwrap_or("");
+        match crate::analyze::baseline::parse_time(time) {
+            Some(t) => {
+                let hour = t - t.rem_euclid(3600);
+                if self.hours.len() < MAX_HOURS || self.hours.contains_key(&hour) {
+                    *self
+                        .hours
+                        .entry(hour)
+                        .or_default()
+                        .entry(op.clone())
+                        .or_default() += 1;
+                } else {
+                    self.dropped_hours += 1;
+                }
+            }
+            None => self.dropped_hours += 1,
+        }
+        let principal = text(
+            ev.principal_role()
+                .or_else(|| ev.principal())
+                .or_else(|| ev.invoked_by())
+                .unwrap_or("-"),
+        );
+        let mut keys = ev.key_arns();
+        if keys.is_empty() {
+            keys.push("-".into());
+        }
+        let time = text(time);
+        if self.principals.len() < MAX_PAIRS || self.principals.contains_key(&principal) {
+            self.principals
+                .entry(principal.clone())
+                .or_default()
+                .merge(PrincipalUse {
+                    count: 1,
+                    errors: u64::from(ev.error_code().is_some()),
+                    first: time.clone(),
+                    last: time.clone(),
+                });
+        } else {
+            self.dropped_pairs += 1;
+        }
+        let source = ev.source_ip().map(text);
+        let agent = ev.user_agent().map(text);
+        let failed = ev.error_code().is_some();
+        for key in keys.into_iter().take(4) {
+            let id = (principal.clone(), text(&key));
+            if self.pairs.len() >= MAX_PAIRS && !self.pairs.contains_key(&id) {
+                self.dropped_pairs += 1;
+                continue;
+            }
+            let mut one = PairUse {
+                count: 1,
+                errors: u64::from(failed),
+                first: time.clone(),
+                last: time.clone(),
+                ..PairUse::default()
+            };
+            one.sources.extend(source.clone());
+            one.user_agents.extend(agent.clone());
+            one.operations.insert(op.clone(), 1);
+            self.pairs.entry(id).or_default().merge(one);
+        }
+    }
+
+    fn operation(&mut self, name: &str) -> String {
+        let name = text(name);
+        if self.operations.contains(&name) {
+            return name;
+        }
+        if self.operations.len() < MAX_OPERATIONS {
+            self.operations.insert(name.clone());
+            return name;
+        }
+        "Other".into()
+    }
+
+    /// Adds another worker's timeline (the caps still hold).
+    pub fn merge(&mut self, other: Timeline) {
+        self.events += other.events;
+        self.dropped_hours += other.dropped_hours;
+        self.dropped_pairs += other.dropped_pairs;
+        for (hour, ops) in other.hours {
+            if self.hours.len() >= MAX_HOURS && !self.hours.contains_key(&hour) {
+                self.dropped_hours += ops.values().sum::<u64>();
+                continue;
+            }
+            let ops: Vec<(String, u64)> = ops
+                .into_iter()
+                .map(|(op, n)| (self.operations_merge(op), n))
+                .collect();
+            let mine = self.hours.entry(hour).or_default();
+            for (op, n) in ops {
+                *mine.entry(op).or_default() += n;
+            }
+        }
+        for (p, u) in other.principals {
+            if self.principals.len() >= MAX_PAIRS && !self.principals.contains_key(&p) {
+                self.dropped_pairs += u.count;
+                continue;
+            }
+            self.principals.entry(p).or_default().merge(u);
+        }
+        for (id, u) in other.pairs {
+            if self.pairs.len() >= MAX_PAIRS && !self.pairs.contains_key(&id) {
+                self.dropped_pairs += u.count;
+                continue;
+            }
+            self.pairs.entry(id).or_default().merge(u);
+        }
+    }
+
+    fn operations_merge(&mut self, op: String) -> String {
+        if self.operations.contains(&op) || op == "Other" {
+            return op;
+        }
+        if self.operations.len() < MAX_OPERATIONS {
+            self.operations.insert(op.clone());
+            return op;
+        }
+        "Other".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(json: &str, t: &mut Timeline) {
+        let mut bytes = json.as_bytes().to_vec();
+        let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
+        t.observe(&Event::new(&v));
+    }
+
+    #[test]
+    fn counts_hours_pairs_and_caps() {
+        let mut t = Timeline::default();
+        let rec = |i: usize, name: &str, hour: u32| {
+            format!(
+                r#"{{"eventSource":"kms.amazonaws.com","eventName":"{name}","eventTime":"2026-10-01T{hour:02}:10:00Z","userIdentity":{{"type":"IAMUser","arn":"arn:aws:iam::111122223333:user/u{i}"}},"sourceIPAddress":"10.0.0.{}","resources":[{{"ARN":"arn:aws:kms:us-east-1:111122223333:key/k"}}]}}"#,
+                i % 20
+            )
+        };
+        ev(&rec(1, "Decrypt", 1), &mut t);
+        ev(&rec(1, "Decrypt", 2), &mut t);
+        ev(&rec(1, "Encrypt", 2), &mut t);
+        ev(
+            r#"{"eventSource":"s3.amazonaws.com","eventName":"GetObject"}"#,
+            &mut t,
+        );
+        assert_eq!(t.events, 3);
+        assert_eq!(t.hours.len(), 2);
+        let pair = t.pairs.values().next().unwrap();
+        assert_eq!(pair.count, 3);
+        assert_eq!(pair.first, "2026-10-01T01:10:00Z");
+        assert_eq!(pair.last, "2026-10-01T02:10:00Z");
+        for i in 0..MAX_PAIRS + 10 {
+            ev(&rec(i + 100, &format!("Op{}", i % 100), 3), &mut t);
+        }
+        assert_eq!(t.pairs.len(), MAX_PAIRS);
+        assert!(t.dropped_pairs >= 10);
+        let ops: BTreeSet<&String> = t.hours.values().flat_map(|m| m.keys()).collect();
+        assert!(ops.len() <= MAX_OPERATIONS + 1);
+        assert!(t.pairs.values().all(|p| p.sources.len() <= MAX_SOURCES));
+    }
+}
