@@ -473,3 +473,59 @@ pub fn progress_line(d: &FileDone<'_>) -> String {
         eta % 60
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An in-memory batch goes through the same path as files: rules, ledger, timeline;
+    /// an S3 input without a reader is reported as unreadable, not a panic.
+    #[test]
+    fn memory_batches_and_unreadable_inputs() {
+        let rules = RuleSet::builtin().expect("built-in rules");
+        let store = Store::temporary().expect("temporary store");
+        let doc = br#"{"Records":[{"eventVersion":"1.09","eventSource":"kms.amazonaws.com","eventName":"ScheduleKeyDeletion","eventTime":"2026-10-01T10:00:00Z","eventID":"e-1","awsRegion":"us-east-1","recipientAccountId":"111122223333","userIdentity":{"type":"IAMUser","arn":"arn:aws:iam::111122223333:user/alice","accountId":"111122223333"},"requestParameters":{"keyId":"arn:aws:kms:us-east-1:111122223333:key/k1","pendingWindowInDays":7},"resources":[{"type":"AWS::KMS::Key","ARN":"arn:aws:kms:us-east-1:111122223333:key/k1"}]}]}"#;
+        let inputs = vec![
+            LogInput::Memory {
+                name: "batch-1".into(),
+                ledger: "mem:batch-1".into(),
+                bytes: doc.to_vec(),
+            },
+            LogInput::S3(crate::source::S3Object {
+                bucket: "b".into(),
+                key: "k.json.gz".into(),
+                size: 10,
+                etag: None,
+            }),
+        ];
+        let opts = ReplayOptions {
+            jobs: 2,
+            timeline: true,
+            ..ReplayOptions::default()
+        };
+        let mut names = Vec::new();
+        let out = replay(&inputs, &rules, &opts, &store, &mut |d| {
+            names.push((d.file.name(), d.report.is_bad()))
+        })
+        .expect("replay");
+        assert_eq!(
+            names,
+            vec![
+                ("batch-1".to_string(), false),
+                ("s3://b/k.json.gz".to_string(), true)
+            ]
+        );
+        assert!(out
+            .findings
+            .iter()
+            .any(|f| f.rule == "kms-key-deletion-scheduled" && f.file == "batch-1"));
+        assert_eq!(out.stats.bad_files, 1);
+        assert!(store.ledger_contains("mem:batch-1").expect("ledger"));
+        let tl = out.timeline.expect("timeline");
+        assert_eq!(tl.events, 1);
+        assert_eq!(
+            tl.principals["arn:aws:iam::111122223333:user/alice"].count,
+            1
+        );
+    }
+}
