@@ -634,3 +634,31 @@ fn html_report_renders_the_replay_in_chromium() {
         findings.len()
     );
 }
+
+#[test]
+fn remote_sources_need_a_window_and_valid_urls() {
+    for (args, says) in [
+        (vec!["s3://bucket/prefix"], "need --from"),
+        (vec!["cloudtrail://us-east-1"], "need --from"),
+        (
+            vec!["cloudtrail://", "--from", "2026-10-01"],
+            "cloudtrail://REGION",
+        ),
+        (vec!["s3://", "--from", "2026-10-01"], "s3://BUCKET/PREFIX"),
+        (
+            vec!["s3://b", "--from", "yesterday"],
+            "--from yesterday: not a time",
+        ),
+        (
+            vec!["s3://b", "--from", "2026-10-02", "--to", "2026-10-01"],
+            "--from is after --to",
+        ),
+    ] {
+        let o = run(bin()
+            .arg("replay")
+            .args(&args)
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9"));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+}
