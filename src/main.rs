@@ -2,11 +2,12 @@
 //! errors to exit codes (0 ok, 1 findings at/above --fail-on or failed rule tests,
 //! 2 bad arguments, rules or paths).
 
+mod alerts;
 mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{Cli, Command, Format, ReplayArgs, RulesCommand, SummaryFormat};
+use cli::{AlertsCommand, Cli, Command, Format, ReplayArgs, RulesCommand, SummaryFormat};
 use kmsguard::decode::records::ScanLimits;
 use kmsguard::decode::DecodeLimits;
 use kmsguard::pipeline::{self, ReplayOptions};
@@ -20,6 +21,17 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay(args),
         Command::Rules(RulesCommand::List { rules }) => rules_list(rules),
         Command::Rules(RulesCommand::Test { file }) => rules_test(file),
+        Command::Alerts(AlertsCommand::Test {
+            channel,
+            config,
+            retry_for,
+        }) => alerts::test(&channel, &config, &retry_for),
+        Command::Alerts(AlertsCommand::Send {
+            config,
+            findings,
+            rules,
+            retry_for,
+        }) => alerts::send(&config, findings.as_deref(), rules.as_deref(), &retry_for),
         Command::BenchInflate { paths } => bench_inflate(paths),
     };
     match result {
