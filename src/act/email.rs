@@ -93,7 +93,16 @@ impl EmailChannel {
                 .collect::<Result<_, _>>()?,
             subject: cfg.subject.clone(),
             timeout: cfg.timeout,
-            endpoint: format!("{}:{} ({:?})", cfg.host, cfg.port, cfg.tls),
+            endpoint: format!(
+                "{}:{} ({})",
+                cfg.host,
+                cfg.port,
+                match cfg.tls {
+                    SmtpTls::Starttls => "starttls",
+                    SmtpTls::Tls => "tls",
+                    SmtpTls::None => "plain",
+                }
+            ),
         })
     }
 
@@ -228,7 +237,12 @@ pub fn text_body(alert: &Alert) -> String {
     let _ = writeln!(t, "{}\n", v(&render::title(alert)));
     let _ = writeln!(t, "{}\n", v(&alert.finding.summary));
     for field in render::fields(alert) {
-        let _ = writeln!(t, "{:<12} {}", format!("{}:", field.label), v(&field.value));
+        let _ = writeln!(
+            t,
+            "{:<12} {}",
+            format!("{}:", field.label),
+            render::visible(&field.value, field.max)
+        );
     }
     if !alert.digest.is_empty() {
         let _ = writeln!(t);
@@ -287,7 +301,7 @@ pub fn html_body(alert: &Alert) -> String {
             t,
             "<tr><th align=\"left\" valign=\"top\" style=\"color:#495057\">{}</th><td style=\"font-family:monospace;word-break:break-all\">{}</td></tr>",
             h(field.label),
-            h(&field.value)
+            render::html(&field.value, field.max)
         );
     }
     t.push_str("</table>\n");

@@ -12,6 +12,8 @@ use std::fmt::Write;
 
 /// Longest value shown for one field in a body (user agents can be 50 MB).
 pub const MAX_FIELD_CHARS: usize = 1000;
+/// Longest list shown for one field (20 key ARNs and a count of the rest).
+pub const MAX_LIST_CHARS: usize = 6000;
 /// Longest mail subject, in characters.
 pub const MAX_SUBJECT_CHARS: usize = 200;
 
@@ -120,6 +122,8 @@ fn unsafe_char(c: char) -> bool {
 pub struct Field {
     pub label: &'static str,
     pub value: String,
+    /// Longest value shown, in characters (key lists get more room than one value).
+    pub max: usize,
 }
 
 /// What an alert shows, in order: the fields an on-call engineer needs to act.
@@ -129,7 +133,16 @@ pub fn fields(alert: &Alert) -> Vec<Field> {
     let mut out = Vec::new();
     let mut push = |label: &'static str, value: Option<String>| {
         if let Some(v) = value.filter(|v| !v.is_empty()) {
-            out.push(Field { label, value: v });
+            let max = if label == "Keys" || label == "Event ids" {
+                MAX_LIST_CHARS
+            } else {
+                MAX_FIELD_CHARS
+            };
+            out.push(Field {
+                label,
+                value: v,
+                max,
+            });
         }
     };
     push("Severity", Some(f.severity.as_str().to_uppercase()));

@@ -10,7 +10,7 @@
 
 use super::clock::{format_rfc3339, parse_rfc3339, unix_secs};
 use super::config::{check_url, ConfigError, Secret, UrlSource, WebhookConfig, WebhookFormat};
-use super::render::{self, MAX_FIELD_CHARS};
+use super::render;
 use super::{hash_id, Alert, Delivered, DeliveryError};
 use crate::analyze::finding::Severity;
 use hmac::{Hmac, Mac};
@@ -274,7 +274,7 @@ pub fn slack(alert: &Alert) -> Value {
     ];
     let fields: Vec<Value> = render::fields(alert)
         .into_iter()
-        .map(|f| json!({"type": "mrkdwn", "text": format!("*{}*\n{}", f.label, render::slack(&f.value, 1900))}))
+        .map(|f| json!({"type": "mrkdwn", "text": format!("*{}*\n{}", f.label, render::slack(&f.value, f.max.min(1900)))}))
         .collect();
     for chunk in fields.chunks(10) {
         blocks.push(json!({"type": "section", "fields": chunk}));
@@ -328,7 +328,7 @@ pub fn pagerduty(alert: &Alert, routing_key: &str, now: SystemTime) -> Value {
     for field in render::fields(alert) {
         details.insert(
             field.label.to_string(),
-            Value::String(render::visible(&field.value, MAX_FIELD_CHARS)),
+            Value::String(render::visible(&field.value, field.max)),
         );
     }
     details.insert("count".into(), json!(alert.group.count));
