@@ -35,8 +35,31 @@ impl Smtp {
         if let Some((cert, key)) = tls {
             cmd.arg("--tlscert").arg(cert).arg("--tlskey").arg(key);
         }
-        let child = cmd
+        cmd.arg(dir);
+        Smtp::spawn(cmd, port, dir)
+    }
+
+    /// STARTTLS required, then AUTH as `user`/`password` (tests/servers/smtp_sink.py).
+    fn start_auth(
+        port: u16,
+        dir: &Path,
+        cert: &Path,
+        key: &Path,
+        user: &str,
+        password: &str,
+    ) -> Smtp {
+        let mut cmd = Command::new(python());
+        cmd.arg(repo().join("tests/servers/smtp_sink.py"))
+            .arg(port.to_string())
             .arg(dir)
+            .arg(cert)
+            .arg(key)
+            .args([user, password]);
+        Smtp::spawn(cmd, port, dir)
+    }
+
+    fn spawn(mut cmd: Command, port: u16, dir: &Path) -> Smtp {
+        let child = cmd
             .env("PYTHONPATH", repo().join("tests/servers"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -932,12 +955,9 @@ fn secrets_stay_out_of_config_files_and_messages() {
     );
 }
 
-#[test]
-fn starttls_to_a_relay_with_a_private_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    // A private CA and a relay certificate it signed (rustls refuses a self-signed CA
-    // certificate used as the server's own).
-    let d = dir.path();
+/// A private CA and a relay certificate for 127.0.0.1 it signed (rustls refuses a
+/// self-signed CA certificate used as the server's own): (ca.pem, cert.pem, key.pem).
+fn private_ca(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (cert, key) = (d.join("cert.pem"), d.join("key.pem"));
     std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
     let ec = [
@@ -1007,6 +1027,13 @@ fn starttls_to_a_relay_with_a_private_ca() {
         );
     }
     let ca = d.join("ca.pem");
+    (ca, cert, key)
+}
+
+#[test]
+fn starttls_to_a_relay_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(dir.path());
     let smtp = Smtp::start(free_port(), &dir.path().join("mail"), Some((&cert, &key)));
     let base = email_sink("tls", smtp.port, "").replace("tls = \"none\"\n", "tls = \"starttls\"\n");
     let trusted = write(
@@ -1109,4 +1136,72 @@ fn alert_latency_from_finding_to_accepted() {
         m50 < 1000.0 && h50 < 1000.0,
         "median latency {m50} / {h50} ms"
     );
+}
+
+#[test]
+fn smtp_auth_over_starttls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(dir.path());
+    let smtp = Smtp::start_auth(
+        free_port(),
+        &dir.path().join("mail"),
+        &cert,
+        &key,
+        "kmsguard",
+        "pa ss:wörd",
+    );
+    let pw = write(dir.path(), "smtp-password", "pa ss:wörd\n");
+    let base =
+        email_sink("auth", smtp.port, "").replace("tls = \"none\"\n", "tls = \"starttls\"\n");
+    let cfg = write(
+        dir.path(),
+        "a.toml",
+        &format!(
+            "{base}ca_file = \"{}\"\nusername = \"kmsguard\"\npassword_file = \"{}\"\n",
+            ca.display(),
+            pw.display()
+        ),
+    );
+    let o = bin()
+        .args(["alerts", "test", "auth", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let m = smtp.wait_for(1, Duration::from_secs(5));
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["authenticated"], true);
+    assert_eq!(m[0]["login"], "kmsguard");
+    assert_eq!(m[0]["tls"], true);
+
+    // A wrong password is permanent (535) and never printed.
+    std::fs::write(&pw, "wrong-pw-value").unwrap();
+    let o = bin()
+        .args(["alerts", "test", "auth", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("permanent: SMTP") && all.contains("535"),
+        "{all}"
+    );
+    assert!(
+        !all.contains("wrong-pw-value") && !all.contains("pa ss"),
+        "{all}"
+    );
+    // Without credentials the relay refuses the message.
+    let anon = write(
+        dir.path(),
+        "b.toml",
+        &format!("{base}ca_file = \"{}\"\n", ca.display()),
+    );
+    let o = bin()
+        .args(["alerts", "test", "auth", "--config"])
+        .arg(&anon)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(smtp.messages().len(), 1);
 }

@@ -6,6 +6,12 @@ names and decoded text and HTML parts, and the time it was accepted.
 
 Recipients whose local part is `tempfail` get 451 (transient), `reject` get 550
 (permanent), so tests can check how kmsguard classifies SMTP errors.
+
+For AUTH (which the aiosmtpd command line cannot configure) run this file itself:
+
+    python smtp_sink.py PORT OUTDIR CERT KEY USER PASSWORD
+
+STARTTLS is then required, and AUTH (PLAIN or LOGIN) with USER and PASSWORD before MAIL.
 """
 import email
 import email.policy
@@ -48,6 +54,8 @@ class FileSink:
             "mail_from": envelope.mail_from,
             "rcpt_tos": list(envelope.rcpt_tos),
             "tls": session.ssl is not None,
+            "authenticated": bool(session.authenticated),
+            "login": (session.login_data or b"").decode("utf-8", "replace"),
             "raw": raw.decode("utf-8", "replace"),
             "header_names": list(msg.keys()),
             "subject": str(msg.get("Subject", "")),
@@ -64,3 +72,38 @@ class FileSink:
             json.dump(record, f)
         os.replace(tmp, name)
         return "250 2.0.0 OK queued"
+
+
+def main(argv):
+    import ssl
+    import threading
+
+    from aiosmtpd.controller import Controller
+
+    port, outdir, cert, key, user, password = argv
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        from aiosmtpd.smtp import AuthResult
+
+        ok = auth_data.login == user.encode() and auth_data.password == password.encode()
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+    controller = Controller(
+        FileSink(outdir),
+        hostname="127.0.0.1",
+        port=int(port),
+        tls_context=ctx,
+        require_starttls=True,
+        auth_required=True,
+        authenticator=authenticator,
+    )
+    controller.start()
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
