@@ -3,17 +3,17 @@
 //! name the key and the fix. Secrets (SMTP password, webhook URL with its token, HMAC
 //! key, PagerDuty routing key) come only from environment variables or files (systemd
 //! `LoadCredential=`), never inline; they are held in `Secret`, whose `Debug` is
-//! redacted, and loaded only when a channel is built.
+//! redacted, and loaded only when a channel is built (see `secret`).
 //!
 //! The daemon's config embeds `EmailSink` and `WebhookSink` lists in its own `[sinks]`
 //! table; `AlertsFile` is the stand-alone form read by `kmsguard alerts`.
 
 use super::clock::parse_duration;
 use super::route::{GroupField, RateLimit, RouteConfig};
+use super::secret::{reject_inline, secret_ref, Redacted, Secret, SecretRef};
 use crate::analyze::finding::Severity;
 use serde::Deserialize;
 use std::collections::HashSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -111,7 +111,7 @@ pub struct EmailSink {
     pub password_file: Option<PathBuf>,
     /// Present only to reject it with a helpful message.
     #[serde(default)]
-    password: Option<toml::Value>,
+    password: Option<Redacted<toml::Value>>,
     pub from: String,
     #[serde(default)]
     pub to: Vec<String>,
@@ -156,17 +156,17 @@ pub struct WebhookSink {
     #[serde(default)]
     pub format: WebhookFormat,
     /// Only for URLs without a token (no query, no user info) and not for Slack.
-    pub url: Option<String>,
+    pub url: Option<Redacted<String>>,
     pub url_env: Option<String>,
     pub url_file: Option<PathBuf>,
     pub secret_env: Option<String>,
     pub secret_file: Option<PathBuf>,
     #[serde(default)]
-    secret: Option<toml::Value>,
+    secret: Option<Redacted<toml::Value>>,
     pub routing_key_env: Option<String>,
     pub routing_key_file: Option<PathBuf>,
     #[serde(default)]
-    routing_key: Option<toml::Value>,
+    routing_key: Option<Redacted<toml::Value>>,
     pub timeout: Option<String>,
     // Routing (same keys as email).
     pub min_severity: Option<Severity>,
@@ -184,95 +184,6 @@ pub struct WebhookSink {
     pub digest_below: Option<Severity>,
     pub digest_interval: Option<String>,
     pub rate_limit: Option<RawRateLimit>,
-}
-
-/// A secret's value. `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Secret {
-        Secret(value)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-/// Where a secret comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretRef {
-    Env(String),
-    File(PathBuf),
-}
-
-impl SecretRef {
-    /// Reads the secret; `key` names the config key in errors.
-    pub fn load(&self, key: &str) -> Result<Secret, ConfigError> {
-        let value = match self {
-            SecretRef::Env(var) => std::env::var(var).map_err(|_| {
-                invalid(
-                    format!("{key}_env"),
-                    format!("environment variable {var} is not set (or not UTF-8); set it, or use {key}_file = \"/run/credentials/...\""),
-                )
-            })?,
-            SecretRef::File(path) => std::fs::read_to_string(path).map_err(|e| {
-                invalid(
-                    format!("{key}_file"),
-                    format!("cannot read {}: {e}; check the path and that kmsguard may read it", path.display()),
-                )
-            })?,
-        };
-        let value = value.trim_end_matches(['\r', '\n']).to_string();
-        if value.is_empty() {
-            let which = match self {
-                SecretRef::Env(v) => format!("{key}_env: environment variable {v}"),
-                SecretRef::File(p) => format!("{key}_file: {}", p.display()),
-            };
-            return Err(invalid(which, "is empty; put the secret there"));
-        }
-        Ok(Secret(value))
-    }
-}
-
-fn secret_ref(
-    key: &str,
-    env: &Option<String>,
-    file: &Option<PathBuf>,
-) -> Result<Option<SecretRef>, ConfigError> {
-    match (env, file) {
-        (Some(_), Some(_)) => Err(invalid(
-            key,
-            format!(
-                "both {0}_env and {0}_file are set; keep one",
-                key.rsplit('.').next().unwrap_or(key)
-            ),
-        )),
-        (Some(v), None) if v.trim().is_empty() => Err(invalid(
-            format!("{key}_env"),
-            "is empty; name an environment variable",
-        )),
-        (Some(v), None) => Ok(Some(SecretRef::Env(v.clone()))),
-        (None, Some(p)) => Ok(Some(SecretRef::File(p.clone()))),
-        (None, None) => Ok(None),
-    }
-}
-
-fn reject_inline(key: &str, value: &Option<toml::Value>) -> Result<(), ConfigError> {
-    if value.is_some() {
-        let leaf = key.rsplit('.').next().unwrap_or(key);
-        return Err(invalid(
-            key,
-            format!("secrets are not accepted in the config file; use {leaf}_env = \"VARIABLE\" or {leaf}_file = \"/run/credentials/kmsguard/{leaf}\""),
-        ));
-    }
-    Ok(())
 }
 
 /// A validated email channel (secrets not loaded yet).
@@ -295,7 +206,7 @@ pub struct EmailConfig {
 /// Where a webhook's URL comes from.
 #[derive(Debug, Clone)]
 pub enum UrlSource {
-    Inline(String),
+    Inline(Secret),
     Secret(SecretRef),
 }
 
@@ -730,8 +641,8 @@ impl WebhookSink {
                         "a Slack webhook URL is a secret: use url_env = \"VARIABLE\" or url_file = \"/run/credentials/kmsguard/slack-url\"",
                     ));
                 }
-                check_url(&format!("{key}.url"), u, true)?;
-                UrlSource::Inline(u.trim().to_string())
+                check_url(&format!("{key}.url"), &u.0, true)?;
+                UrlSource::Inline(Secret::new(u.0.trim().to_string()))
             }
             (None, Some(r)) => UrlSource::Secret(r),
         };
@@ -912,23 +823,13 @@ mod tests {
     }
 
     #[test]
-    fn secrets_load_from_env_and_files_and_never_print() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("s");
-        std::fs::write(&p, "s3cret\n").unwrap();
-        let s = SecretRef::File(p.clone()).load("x.secret").unwrap();
-        assert_eq!(s.expose(), "s3cret");
-        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
-        std::fs::write(&p, "\n").unwrap();
-        let e = SecretRef::File(p).load("x.secret").unwrap_err().to_string();
-        assert!(e.contains("x.secret_file") && e.contains("empty"), "{e}");
-        let e = SecretRef::Env("KMSGUARD_TEST_SURELY_UNSET_VAR".into())
-            .load("x.password")
-            .unwrap_err()
-            .to_string();
+    fn printing_a_parsed_config_shows_no_secret() {
+        let text = format!("{MAIL}password = \"hunter2\"\n[[sinks.webhook]]\nname = \"w\"\nurl = \"https://h.example.com/services/T0/B0/tok3n\"\n");
+        let f: AlertsFile = toml::from_str(&text).unwrap();
+        let shown = format!("{f:?}");
         assert!(
-            e.contains("x.password_env") && e.contains("KMSGUARD_TEST_SURELY_UNSET_VAR"),
-            "{e}"
+            !shown.contains("hunter2") && !shown.contains("tok3n"),
+            "{shown}"
         );
     }
 }

@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod email;
 pub mod render;
 pub mod route;
+pub mod secret;
 pub mod webhook;
 
 use crate::analyze::finding::{Finding, Kind, Severity};

@@ -152,7 +152,7 @@ impl RouteConfig {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Group {
     id: String,
     key: String,
@@ -268,7 +268,7 @@ impl Group {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct DigestBuffer {
     started: SystemTime,
     /// By group id, so a group's update replaces its line instead of repeating it.
@@ -276,7 +276,7 @@ struct DigestBuffer {
     overflow: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct LimitWindow {
     started: Option<SystemTime>,
     sent: u32,
@@ -285,6 +285,24 @@ struct LimitWindow {
     entries: Vec<DigestEntry>,
     first: Option<SystemTime>,
     last: Option<SystemTime>,
+}
+
+/// What a `Router` holds between calls: open groups, the digest being collected, the
+/// rate-limit window. Serializable, so the daemon can store it with its outbox and a
+/// restart neither loses a group still waiting for its first alert nor repeats one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RouterState {
+    groups: Vec<Group>,
+    digest: Option<DigestBuffer>,
+    limit: LimitWindow,
+}
+
+impl RouterState {
+    /// Findings held and not yet sent in any alert (waiting groups, group updates,
+    /// digest lines, suppressed alerts are not counted: they were decided).
+    pub fn waiting(&self) -> u64 {
+        self.groups.iter().map(|g| g.count - g.sent).sum()
+    }
 }
 
 /// Routing state of one channel.
@@ -305,6 +323,30 @@ impl Router {
             groups: BTreeMap::new(),
             digest: None,
             limit: LimitWindow::default(),
+        }
+    }
+
+    /// A router that goes on from `state` (saved by `state()` before a restart).
+    pub fn with_state(channel: &str, cfg: RouteConfig, state: RouterState) -> Router {
+        Router {
+            channel: channel.to_string(),
+            cfg,
+            groups: state
+                .groups
+                .into_iter()
+                .map(|g| (g.key.clone(), g))
+                .collect(),
+            digest: state.digest,
+            limit: state.limit,
+        }
+    }
+
+    /// A copy of the state, to persist.
+    pub fn state(&self) -> RouterState {
+        RouterState {
+            groups: self.groups.values().cloned().collect(),
+            digest: self.digest.clone(),
+            limit: self.limit.clone(),
         }
     }
 
@@ -849,6 +891,34 @@ mod tests {
         let kinds: Vec<AlertKind> = out.iter().map(|a| a.kind).collect();
         assert_eq!(kinds, vec![AlertKind::Finding, AlertKind::Suppressed]);
         assert_eq!(r.next_deadline(), None);
+    }
+
+    #[test]
+    fn state_survives_a_restart() {
+        let mut c = cfg();
+        c.rate_limit = Some(RateLimit {
+            max: 5,
+            per: Duration::from_secs(3600),
+        });
+        c.digest_below = Some(Severity::Medium);
+        let mut before = Router::new("mail", c.clone());
+        for i in 0..3 {
+            before.offer(
+                &finding("r", Severity::High, "p", "k", &t(0, i)),
+                at(u64::from(i)),
+            );
+        }
+        before.offer(&finding("low", Severity::Low, "p", "k", &t(0, 5)), at(5));
+        let saved = serde_json::to_string(&before.state()).unwrap();
+        let state: RouterState = serde_json::from_str(&saved).unwrap();
+        assert_eq!(state.waiting(), 4);
+        let mut after = Router::with_state("mail", c, state);
+        let first = before.tick(at(30));
+        assert_eq!(first.len(), 1, "the waiting group is sent");
+        assert_eq!(first[0].group.count, 3);
+        assert_eq!(after.tick(at(30)), first);
+        assert_eq!(after.tick(at(3600)), before.tick(at(3600)));
+        assert_eq!(after.flush(at(3601)), before.flush(at(3601)));
     }
 
     #[test]

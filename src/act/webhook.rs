@@ -9,8 +9,9 @@
 //! errors are stripped of it, and only the host is shown.
 
 use super::clock::{format_rfc3339, parse_rfc3339, unix_secs};
-use super::config::{check_url, ConfigError, Secret, UrlSource, WebhookConfig, WebhookFormat};
+use super::config::{check_url, ConfigError, UrlSource, WebhookConfig, WebhookFormat};
 use super::render;
+use super::secret::Secret;
 use super::{hash_id, Alert, Delivered, DeliveryError};
 use crate::analyze::finding::Severity;
 use hmac::{Hmac, Mac};
@@ -52,7 +53,7 @@ impl WebhookChannel {
     pub fn new(cfg: &WebhookConfig) -> Result<WebhookChannel, ConfigError> {
         let key = |k: &str| format!("sinks.webhook `{}` {k}", cfg.name);
         let url = match &cfg.url {
-            UrlSource::Inline(u) => Secret::new(u.clone()),
+            UrlSource::Inline(u) => u.clone(),
             UrlSource::Secret(r) => {
                 let s = r.load(&key("url"))?;
                 check_url(&key("url"), s.expose(), false)?;

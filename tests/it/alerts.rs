@@ -39,6 +39,18 @@ impl Smtp {
         Smtp::spawn(cmd, port, dir)
     }
 
+    /// Implicit TLS (SMTPS) from the first byte.
+    fn start_smtps(port: u16, dir: &Path, cert: &Path, key: &Path) -> Smtp {
+        let mut cmd = Command::new(python());
+        cmd.args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+            .args(["-c", "smtp_sink.FileSink", "--smtpscert"])
+            .arg(cert)
+            .arg("--smtpskey")
+            .arg(key)
+            .arg(dir);
+        Smtp::spawn(cmd, port, dir)
+    }
+
     /// STARTTLS required, then AUTH as `user`/`password` (tests/servers/smtp_sink.py).
     fn start_auth(
         port: u16,
@@ -765,6 +777,7 @@ fn control_characters_make_a_safe_email() {
     ]
     .into();
     for m in &mails {
+        assert_eq!(m["tls"], false, "plain relay");
         let names: BTreeSet<&str> = m["header_names"]
             .as_array()
             .unwrap()
@@ -1031,7 +1044,7 @@ fn private_ca(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 #[test]
-fn starttls_to_a_relay_with_a_private_ca() {
+fn starttls_and_implicit_tls_to_a_relay_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert, key) = private_ca(dir.path());
     let smtp = Smtp::start(free_port(), &dir.path().join("mail"), Some((&cert, &key)));
@@ -1060,6 +1073,27 @@ fn starttls_to_a_relay_with_a_private_ca() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).to_lowercase().contains("tls"), "{}", stderr(&o));
     assert_eq!(smtp.messages().len(), 1);
+
+    // Implicit TLS (tls = "tls") to an SMTPS relay.
+    let smtps = Smtp::start_smtps(free_port(), &dir.path().join("smtps"), &cert, &key);
+    let cfg = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "{}ca_file = \"{}\"\n",
+            email_sink("smtps", smtps.port, "").replace("tls = \"none\"\n", "tls = \"tls\"\n"),
+            ca.display()
+        ),
+    );
+    let o = bin()
+        .args(["alerts", "test", "smtps", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let m = smtps.wait_for(1, Duration::from_secs(5));
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0]["tls"], true);
 }
 
 #[test]

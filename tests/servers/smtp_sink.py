@@ -53,7 +53,9 @@ class FileSink:
             "accepted_at": accepted,
             "mail_from": envelope.mail_from,
             "rcpt_tos": list(envelope.rcpt_tos),
-            "tls": session.ssl is not None,
+            # session.ssl is set by STARTTLS; SMTPS (implicit TLS) shows on the transport.
+            "tls": session.ssl is not None
+            or server.transport.get_extra_info("ssl_object") is not None,
             "authenticated": bool(session.authenticated),
             "login": (session.login_data or b"").decode("utf-8", "replace"),
             "raw": raw.decode("utf-8", "replace"),
