@@ -418,4 +418,20 @@ mod tests {
         );
         assert_eq!(pagerduty_severity(Severity::High), "error");
     }
+
+    #[test]
+    fn slack_blocks_escape_log_values() {
+        let mut a = Alert::test("chat", UNIX_EPOCH);
+        a.kind = crate::act::AlertKind::Finding;
+        a.finding.title = "Key\r\ndisabled".into();
+        a.finding.summary = "<!channel> *now* `x`".into();
+        a.finding.user_agent = Some("ua\u{0}<b>".into());
+        let v = slack(&a);
+        let header = v["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert_eq!(header, "INFO Key disabled");
+        assert_eq!(v["text"], header);
+        assert_eq!(v["blocks"][1]["text"]["text"], "&lt;!channel&gt; ∗now∗ 'x'");
+        let fields = v["blocks"][2]["fields"].to_string();
+        assert!(fields.contains("ua\\\\0&lt;b&gt;"), "{fields}");
+    }
 }

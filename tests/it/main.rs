@@ -6,4 +6,5 @@ mod alerts;
 mod moto_smoke;
 mod replay;
 mod rules_cli;
+mod servers;
 mod support;
