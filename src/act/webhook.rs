@@ -133,7 +133,17 @@ impl WebhookChannel {
                 response: format!("HTTP {}", status.as_u16()),
             });
         }
-        let text = resp.text().await.unwrap_or_default();
+        // Read at most 4 KiB of the error body: enough to explain, bounded if the
+        // receiver answers with something huge.
+        let mut resp = resp;
+        let mut head = Vec::new();
+        while head.len() < 4096 {
+            match resp.chunk().await {
+                Ok(Some(c)) => head.extend_from_slice(&c[..c.len().min(4096 - head.len())]),
+                _ => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&head);
         let what = format!(
             "POST to {} answered HTTP {}: {}",
             self.host,

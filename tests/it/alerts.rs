@@ -907,3 +907,16 @@ fn smtp_auth_over_starttls() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(smtp.messages().len(), 1);
 }
+
+#[test]
+fn alerts_help_texts_have_examples() {
+    for args in [["alerts", "test", "--help"], ["alerts", "send", "--help"]] {
+        let o = bin().args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(0));
+        let text = stdout(&o);
+        assert!(
+            text.contains("Examples:") && text.contains("Exit codes"),
+            "{args:?}: {text}"
+        );
+    }
+}
