@@ -7,6 +7,14 @@
 //!
 //! Routing (filters, grouping, digests, rate limits) is pure logic in `route`; rendering
 //! of attacker-controlled text (headers, HTML, Slack markup) lives in `render`.
+//!
+//! For the daemon's outbox, the intended flow per channel is: validate config
+//! (`config::AlertSinks::validate`, at startup), `Channel::build` (loads secrets),
+//! `route::Router::offer(finding, now)` / `tick(now)` / `flush(now)` for each finding and
+//! periodically; store every returned `Alert` (serializable, stable `id`) in the outbox
+//! together with `Router::state()` in the same batch, so a crash loses neither; deliver
+//! with `Channel::deliver`; remove on `Ok`, reschedule with `backoff` on
+//! `DeliveryError::Transient`, park on `Permanent` or when too old.
 
 pub mod clock;
 pub mod config;
