@@ -423,7 +423,9 @@ mod tests {
         let s = subject("[kmsguard {SEVERITY}] {title} {principal} {key}", &a);
         assert!(!s.contains(['\r', '\n', '\0']), "{s:?}");
         assert!(
-            s.starts_with("[kmsguard HIGH] Decrypt Bcc: x@example.com by arn:"),
+            s.starts_with(
+                "[kmsguard HIGH] Decrypt Bcc: x@example.com by assumed-role/app/x X-Evil: 1 arn:"
+            ),
             "{s}"
         );
         assert!(s.chars().count() <= MAX_SUBJECT_CHARS);

@@ -207,10 +207,10 @@ pub fn title(alert: &Alert) -> String {
     match alert.kind {
         AlertKind::Test | AlertKind::Digest | AlertKind::Suppressed => f.title.clone(),
         AlertKind::Finding | AlertKind::Update => {
-            let who = f.principal_role.as_ref().or(f.principal.as_ref());
+            let who = f.principal_role.as_deref().or(f.principal.as_deref());
             let mut t = f.title.clone();
             if let Some(who) = who {
-                let _ = write!(t, " by {who}");
+                let _ = write!(t, " by {}", short_arn(who));
             }
             if alert.group.count > 1 {
                 let _ = write!(t, " ({} events)", alert.group.count);
@@ -220,6 +220,19 @@ pub fn title(alert: &Alert) -> String {
             }
             t
         }
+    }
+}
+
+/// The resource part of an ARN (`role/ci-deployer`, `user/bob`, `root`), which is what
+/// a person recognises in a subject line; the full ARN is in the body. Not an ARN: as is.
+pub fn short_arn(arn: &str) -> &str {
+    match arn.strip_prefix("arn:") {
+        Some(rest) => rest
+            .splitn(5, ':')
+            .nth(4)
+            .filter(|r| !r.is_empty())
+            .unwrap_or(arn),
+        None => arn,
     }
 }
 
@@ -303,6 +316,18 @@ mod tests {
         assert_eq!(html("\"'&", 10), "&quot;&#39;&amp;");
         assert_eq!(visible("a\u{202e}b", 10), "a\\u{202e}b");
         assert!(visible(&"y".repeat(2000), 1000).ends_with("(1000 more characters)"));
+    }
+
+    #[test]
+    fn short_arns_keep_the_resource() {
+        assert_eq!(short_arn("arn:aws:iam::111122223333:role/ci"), "role/ci");
+        assert_eq!(short_arn("arn:aws:iam::111122223333:root"), "root");
+        assert_eq!(
+            short_arn("arn:aws:sts::1:assumed-role/app/i-1:x"),
+            "assumed-role/app/i-1:x"
+        );
+        assert_eq!(short_arn("kms.amazonaws.com"), "kms.amazonaws.com");
+        assert_eq!(short_arn("arn:aws:iam::1:"), "arn:aws:iam::1:");
     }
 
     #[test]

@@ -173,9 +173,8 @@ fn each_severity_reaches_the_right_channels() {
     assert_eq!(
         subjects,
         BTreeSet::from([
-            "[kmsguard CRITICAL] Title of rule-critical by arn:aws:iam::111122223333:user/u4"
-                .to_string(),
-            "[kmsguard HIGH] Title of rule-high by arn:aws:iam::111122223333:user/u3".to_string(),
+            "[kmsguard CRITICAL] Title of rule-critical by user/u4".to_string(),
+            "[kmsguard HIGH] Title of rule-high by user/u3".to_string(),
         ])
     );
     for m in &mails {
@@ -310,7 +309,7 @@ fn a_denied_decrypt_burst_becomes_one_alert_with_a_count() {
     assert_eq!(mails.len(), 1, "one alert for the whole burst: {mails:#?}");
     let subject = mails[0]["subject"].as_str().unwrap();
     assert!(
-        subject.contains("Cryptographic operation denied by arn:aws:iam::")
+        subject.contains("Cryptographic operation denied by role/svc-")
             && subject.ends_with("(35 events)"),
         "{subject}"
     );
@@ -580,7 +579,7 @@ fn control_characters_make_a_safe_email() {
         .unwrap();
     assert_eq!(
         forged["subject"],
-        "[kmsguard CRITICAL] Title X-Injected: 1 by arn:aws:iam::1:user/x Bcc: forged@example.com arn:aws:iam::1:user/x Bcc: forged@example.com k body-injection"
+        "[kmsguard CRITICAL] Title X-Injected: 1 by user/x Bcc: forged@example.com arn:aws:iam::1:user/x Bcc: forged@example.com k body-injection"
     );
 }
 
