@@ -451,4 +451,54 @@ mod tests {
         assert!(!text.contains('\0') && !text.contains("\r\nBcc"));
         assert!(text.contains("Next step:"));
     }
+
+    fn channel() -> EmailChannel {
+        let text = "[[sinks.email]]\nname = \"m\"\nhost = \"127.0.0.1\"\ntls = \"none\"\nfrom = \"k@example.com\"\nto = [\"a@example.com\"]\ngroup_wait = \"0s\"\ndigest_below = \"medium\"\n";
+        let f: crate::act::config::AlertsFile = toml::from_str(text).unwrap();
+        let cfgs = f.sinks.validate().unwrap();
+        let crate::act::config::ChannelConfig::Email(c) = &cfgs[0] else {
+            panic!("email")
+        };
+        EmailChannel::new(c).unwrap()
+    }
+
+    #[test]
+    fn updates_thread_under_the_first_message_and_digests_list_groups() {
+        use crate::act::route::Router;
+        use std::time::{Duration, UNIX_EPOCH};
+        let ch = channel();
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(1_790_000_000 + s);
+        let mut r = Router::new(
+            "m",
+            crate::act::route::RouteConfig {
+                group_wait: Duration::ZERO,
+                digest_below: Some(Severity::Medium),
+                ..Default::default()
+            },
+        );
+        let mut f = evil_alert().finding;
+        let first = r.offer(&f, at(0));
+        f.id = "second".into();
+        r.offer(&f, at(1));
+        let update = r.tick(at(600));
+        assert_eq!((first.len(), update.len()), (1, 1));
+        let raw = String::from_utf8(ch.message(&update[0]).unwrap().formatted()).unwrap();
+        let thread = format!("<{}@kmsguard>", first[0].group.id);
+        assert!(raw.contains(&format!("In-Reply-To: {thread}")), "{raw}");
+        assert!(raw.contains(&format!("References: {thread}")), "{raw}");
+        let raw_first = String::from_utf8(ch.message(&first[0]).unwrap().formatted()).unwrap();
+        assert!(
+            raw_first.contains(&format!("Message-ID: {thread}")),
+            "{raw_first}"
+        );
+
+        f.severity = Severity::Low;
+        f.rule = "low-rule".into();
+        r.offer(&f, at(700));
+        let digest = r.flush(at(701));
+        assert_eq!(digest.len(), 1);
+        let text = text_body(&digest[0]);
+        assert!(text.contains("- LOW low-rule x1"), "{text}");
+        assert!(html_body(&digest[0]).contains("<td>low-rule</td>"));
+    }
 }
