@@ -1,6 +1,7 @@
 //! The kmsguard binary: parses the command line, runs one mode of the library, and maps
 //! errors to exit codes (0 ok, 1 findings at/above --fail-on or failed rule tests,
-//! 2 bad arguments, rules or paths).
+//! 2 bad arguments, rules or paths). `kmsguard alerts`: 0 delivered, 1 some alert not
+//! delivered, 2 bad config.
 
 mod alerts;
 mod cli;
