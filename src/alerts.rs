@@ -86,6 +86,7 @@ pub fn test(channel: &str, config: &Path, retry_for: &str) -> Result<ExitCode> {
         dispatch::deliver_with_retry(
             &channel,
             &alert,
+            tokio::time::Instant::now(),
             &policy,
             &mut Jitter::from_clock(),
             &report,

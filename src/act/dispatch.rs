@@ -4,9 +4,11 @@
 //! `deliver_with_retry` is the one retry loop (also used by `kmsguard alerts test`).
 //! Progress is reported through a callback as `DispatchEvent`s; nothing here prints.
 //!
-//! Each channel has its own delivery task and bounded queue, so a slow or dead channel
-//! neither delays the others nor lets memory grow without bound (reading pauses when a
-//! queue is full).
+//! Each channel has its own delivery task and bounded queue (1024 alerts), so a slow or
+//! dead channel does not delay the others until its queue is full; then reading pauses
+//! rather than letting memory grow. An alert's retry budget counts from when it was
+//! made, so a relay that stays down fails a queue in about `retry_for`, not once per
+//! alert.
 
 use super::route::Router;
 use super::{backoff, Alert, Channel, Delivered, DeliveryError};
@@ -106,15 +108,18 @@ impl Jitter {
 }
 
 /// Delivers `alert`, retrying transient failures with backoff until `policy.retry_for`
-/// has passed since the first attempt. Returns the result and the number of attempts.
+/// has passed since `since` (when the alert was made: alerts queued behind a dead relay
+/// do not each wait the full time again). At least one attempt is made. Returns the
+/// result and the number of attempts.
 pub async fn deliver_with_retry(
     channel: &Channel,
     alert: &Alert,
+    since: Instant,
     policy: &RetryPolicy,
     jitter: &mut Jitter,
     report: &Reporter,
 ) -> (Result<Delivered, DeliveryError>, u32) {
-    let started = Instant::now();
+    let started = since;
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -159,7 +164,8 @@ impl SendReport {
     }
 }
 
-type Queued = (Alert, Option<Instant>);
+/// An alert, when its (first) finding was read, and when the alert was made.
+type Queued = (Alert, Option<Instant>, Instant);
 
 /// Routes every finding of `input` through every channel and delivers the alerts;
 /// at the end of input, pending groups, digests and notices are flushed and sent.
@@ -258,7 +264,7 @@ async fn enqueue(
     }
     let at = read_at.get(&alert.finding.id).copied();
     // The worker only stops after the queue is closed, so this cannot fail.
-    let _ = queue.send((alert, at)).await;
+    let _ = queue.send((alert, at, Instant::now())).await;
 }
 
 async fn worker(
@@ -269,9 +275,9 @@ async fn worker(
     report: Reporter,
 ) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
-    while let Some((alert, read_at)) = rx.recv().await {
+    while let Some((alert, read_at, made)) = rx.recv().await {
         let (result, attempts) =
-            deliver_with_retry(&channel, &alert, &policy, &mut jitter, &report).await;
+            deliver_with_retry(&channel, &alert, made, &policy, &mut jitter, &report).await;
         let outcome = outcome(channel.name(), &alert, result, attempts, read_at);
         report(DispatchEvent::Done(outcome.clone()));
         outcomes.push(outcome);

@@ -919,3 +919,40 @@ fn alerts_help_texts_have_examples() {
         );
     }
 }
+
+#[test]
+fn a_dead_relay_fails_a_queue_within_the_retry_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "alerts.toml",
+        &email_sink("mail", free_port(), "group_wait = \"0s\""),
+    );
+    let findings: Vec<Value> = (0..5)
+        .map(|i| {
+            finding(
+                "kms-key-disabled",
+                "high",
+                &format!("arn:aws:iam::111122223333:user/u{i}"),
+                "k",
+                "2026-10-01T00:00:00Z",
+            )
+        })
+        .collect();
+    let input = write_jsonl(dir.path(), "f.jsonl", &findings);
+    let started = Instant::now();
+    let o = send(&cfg, &input, &[], "3s");
+    let took = started.elapsed();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let outs = outcomes(&o);
+    assert_eq!(outs.len(), 5);
+    assert!(outs.iter().all(|o| o["status"] == "failed"), "{outs:?}");
+    // The budget counts from when each alert was made, not from its first attempt:
+    // five queued alerts behind a dead relay take about 3 s in all, not 5 x 3 s.
+    assert!(took < Duration::from_secs(9), "took {took:?}");
+    assert!(
+        stderr(&o).contains("5 alerts: 0 delivered, 5 not delivered"),
+        "{}",
+        stderr(&o)
+    );
+}
