@@ -8,7 +8,7 @@ use std::path::PathBuf;
     name = "kmsguard",
     version,
     about = "Watch AWS KMS through CloudTrail: rules, forensic replay and alerts",
-    after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format table --fail-on high /var/log/cloudtrail/AWSLogs\n  kmsguard rules list\n  kmsguard rules test my-rules.toml\n\nExit codes: 0 success; 1 a finding at or above --fail-on, or a rule test failed;\n2 bad arguments, rules or input paths."
+    after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format table --fail-on high /var/log/cloudtrail/AWSLogs\n  kmsguard rules list\n  kmsguard rules test my-rules.toml\n  kmsguard alerts test oncall-mail --config alerts.toml\n\nExit codes: 0 success; 1 a finding at or above --fail-on, or a rule test failed;\n2 bad arguments, rules or input paths."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -48,6 +48,9 @@ pub enum Command {
     /// Show, export or forget what kmsguard believes is normal per principal.
     #[command(subcommand)]
     Baseline(BaselineCommand),
+    /// Send alerts through the channels of a config file: a test alert, or findings.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
     /// Measure raw decompression speed of log files (used by scripts/bench).
     #[command(after_help = "Examples:\n  kmsguard bench-inflate /var/tmp/kmsguard-bench/AWSLogs")]
     BenchInflate {
@@ -221,6 +224,42 @@ pub enum RulesCommand {
     Test {
         /// Rules file [default: the built-in rules].
         file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// Send a clearly marked test alert through one channel, to check the path end to end.
+    #[command(
+        after_help = "Examples:\n  kmsguard alerts test oncall-mail --config /etc/kmsguard/alerts.toml\n  kmsguard alerts test pagerduty --config alerts.toml --retry-for 1m\n\nPrints one JSON line with the outcome. Exit codes: 0 delivered; 1 not delivered\n(the error says whether it was transient or permanent); 2 bad config or channel name."
+    )]
+    Test {
+        /// The channel's `name` in the config file.
+        channel: String,
+        /// TOML file with [[sinks.email]] and [[sinks.webhook]] tables (docs/alerts.md).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Retry transient failures for this long, e.g. 30s, 5m [default: one attempt].
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        retry_for: String,
+    },
+    /// Route findings (JSON Lines) through grouping, digests and rate limits to every
+    /// channel, and deliver the alerts.
+    #[command(
+        after_help = "Examples:\n  kmsguard replay --format jsonl AWSLogs/ | kmsguard alerts send --config alerts.toml\n  kmsguard alerts send --config alerts.toml findings.jsonl\n\nPrints one JSON line per alert (channel, status, attempts, latency) on stdout and\na summary on stderr. At the end of input, groups still open are sent at once.\nExit codes: 0 every alert delivered; 1 some alert not delivered; 2 bad config or input file."
+    )]
+    Send {
+        /// TOML file with [[sinks.email]] and [[sinks.webhook]] tables (docs/alerts.md).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Findings as JSON Lines [default: standard input].
+        findings: Option<PathBuf>,
+        /// Rules file whose descriptions are shown in alerts [default: the built-in rules].
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// Retry transient failures of an alert for this long, e.g. 30s, 5m.
+        #[arg(long, value_name = "DURATION", default_value = "5m")]
+        retry_for: String,
     },
 }
 

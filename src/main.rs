@@ -1,14 +1,16 @@
 //! The kmsguard binary: parses the command line, runs one mode of the library, and maps
 //! errors to exit codes (0 ok, 1 findings at/above --fail-on or failed rule tests,
-//! 2 bad arguments, rules or paths).
+//! 2 bad arguments, rules or paths). `kmsguard alerts`: 0 delivered, 1 some alert not
+//! delivered, 2 bad config.
 
+mod alerts;
 mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{
-    BaselineCommand, Cli, Command, Format, LogFormat, PostureArgs, ReplayArgs, RulesCommand,
-    SummaryFormat,
+    AlertsCommand, BaselineCommand, Cli, Command, Format, LogFormat, PostureArgs, ReplayArgs,
+    RulesCommand, SummaryFormat,
 };
 use kmsguard::analyze::baseline::BaselineConfig;
 use kmsguard::decode::records::ScanLimits;
@@ -28,6 +30,17 @@ fn main() -> ExitCode {
         Command::Posture(args) => posture_cmd(args),
         Command::Rules(RulesCommand::List { rules }) => rules_list(rules),
         Command::Rules(RulesCommand::Test { file }) => rules_test(file),
+        Command::Alerts(AlertsCommand::Test {
+            channel,
+            config,
+            retry_for,
+        }) => alerts::test(&channel, &config, &retry_for),
+        Command::Alerts(AlertsCommand::Send {
+            config,
+            findings,
+            rules,
+            retry_for,
+        }) => alerts::send(&config, findings.as_deref(), rules.as_deref(), &retry_for),
         Command::BenchInflate { paths } => bench_inflate(paths),
         Command::Baseline(cmd) => baseline(cmd),
         Command::Run { config, log_format } => run_daemon(config, log_format),
