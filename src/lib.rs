@@ -6,6 +6,7 @@
 //! `event` is the contract between decode and analyze. See ARCHITECTURE.md.
 
 pub mod analyze;
+pub mod archive;
 pub mod aws;
 pub mod decode;
 pub mod event;
