@@ -6,7 +6,8 @@ mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use cli::{Cli, Command, Format, ReplayArgs, RulesCommand, SummaryFormat};
+use cli::{ArchiveCommand, AwsArgs, Cli, Command, Format, ReplayArgs, RulesCommand, SummaryFormat};
+use kmsguard::archive::{commands as archive_cmd, AlertFilter, ArchiverConfig, Location};
 use kmsguard::decode::records::ScanLimits;
 use kmsguard::decode::DecodeLimits;
 use kmsguard::pipeline::{self, ReplayOptions};
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
         Command::Rules(RulesCommand::List { rules }) => rules_list(rules),
         Command::Rules(RulesCommand::Test { file }) => rules_test(file),
         Command::BenchInflate { paths } => bench_inflate(paths),
+        Command::Archive(cmd) => archive(cmd),
     };
     match result {
         Ok(code) => code,
@@ -200,4 +202,168 @@ fn bench_inflate(paths: Vec<std::path::PathBuf>) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn aws_settings(a: &AwsArgs) -> kmsguard::aws::AwsSettings {
+    let mut s = kmsguard::aws::AwsSettings::from_env();
+    if a.region.is_some() {
+        s.region = a.region.clone();
+    }
+    if a.endpoint_url.is_some() {
+        s.endpoint_url = a.endpoint_url.clone();
+        s.s3_force_path_style = true;
+    }
+    s.s3_force_path_style |= a.s3_path_style;
+    s
+}
+
+/// `kmsguard archive ...`: parses locations, runs the library command, prints.
+fn archive(cmd: ArchiveCommand) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let aws = match &cmd {
+            ArchiveCommand::Write { aws, .. }
+            | ArchiveCommand::List { aws, .. }
+            | ArchiveCommand::Cat { aws, .. }
+            | ArchiveCommand::Verify { aws, .. }
+            | ArchiveCommand::Decrypt { aws, .. } => aws_settings(aws),
+        };
+        let clients = archive_cmd::Clients::new(&aws).await;
+        match cmd {
+            ArchiveCommand::Write {
+                key,
+                dir,
+                s3,
+                host,
+                max_segment_bytes,
+                stats,
+                file,
+                ..
+            } => {
+                let mut dests: Vec<Location> = dir.into_iter().map(Location::Dir).collect();
+                if let Some(s3) = s3 {
+                    dests.push(Location::parse(&s3)?);
+                }
+                let mut cfg =
+                    ArchiverConfig::new(key, &host.unwrap_or_else(archive_cmd::default_host));
+                cfg.max_segment_bytes = max_segment_bytes.max(1);
+                let (mut input, name): (Box<dyn std::io::BufRead>, String) = match &file {
+                    Some(p) => (
+                        Box::new(std::io::BufReader::new(
+                            std::fs::File::open(p)
+                                .with_context(|| format!("cannot open {}", p.display()))?,
+                        )),
+                        p.display().to_string(),
+                    ),
+                    None => (Box::new(std::io::stdin().lock()), "standard input".into()),
+                };
+                let o = archive_cmd::write(&clients, cfg, dests, &mut input, &name).await?;
+                let rate = o.stats.alerts as f64 / o.seconds.max(1e-9);
+                if stats {
+                    eprintln!(
+                        "{}",
+                        serde_json::json!({
+                            "alerts": o.stats.alerts, "segments": o.stats.segments,
+                            "plaintext_bytes": o.stats.plaintext_bytes,
+                            "ciphertext_bytes": o.stats.ciphertext_bytes,
+                            "kms_calls": o.kms_calls, "seconds": o.seconds,
+                            "alerts_per_second": rate,
+                            "first_segment": o.first_seq, "next_segment": o.next_seq,
+                        })
+                    );
+                } else {
+                    eprintln!(
+                        "archived {} alerts in {} segments ({:.0} alerts/s, {} KMS calls)",
+                        o.stats.alerts, o.stats.segments, rate, o.kms_calls
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            ArchiveCommand::List { location, .. } => {
+                let listed = archive_cmd::list(&clients, Location::parse(&location)?).await?;
+                archive_cmd::write_list(&mut std::io::stdout().lock(), &listed)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            ArchiveCommand::Cat {
+                location,
+                read,
+                since,
+                until,
+                rule,
+                principal,
+                ..
+            } => {
+                let filter = AlertFilter {
+                    since,
+                    until,
+                    rule,
+                    principal,
+                    host: read.host,
+                };
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                archive_cmd::cat(
+                    &clients,
+                    Location::parse(&location)?,
+                    read.key.as_deref(),
+                    &filter,
+                    &mut out,
+                )
+                .await?;
+                out.flush()?;
+                Ok(ExitCode::SUCCESS)
+            }
+            ArchiveCommand::Verify { location, read, .. } => {
+                let loc = Location::parse(&location)?;
+                let r =
+                    archive_cmd::verify(&clients, loc, read.key.as_deref(), read.host.as_deref())
+                        .await?;
+                for p in &r.problems {
+                    eprintln!("problem: {p}");
+                }
+                for (host, seq, sha) in &r.heads {
+                    println!("head {host}: segment {seq} sha256 {sha}");
+                }
+                println!(
+                    "{} segments, {} alerts checked in {location}: {}",
+                    r.segments,
+                    r.alerts,
+                    if r.problems.is_empty() {
+                        "ok".to_string()
+                    } else {
+                        format!("{} problems", r.problems.len())
+                    }
+                );
+                Ok(if r.problems.is_empty() && r.segments > 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    if r.segments == 0 {
+                        eprintln!("problem: no segments found in {location}");
+                    }
+                    ExitCode::from(1)
+                })
+            }
+            ArchiveCommand::Decrypt {
+                location,
+                out,
+                read,
+                ..
+            } => {
+                let files = archive_cmd::decrypt(
+                    &clients,
+                    Location::parse(&location)?,
+                    read.key.as_deref(),
+                    &out,
+                )
+                .await?;
+                for f in &files {
+                    println!("{}", f.display());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
 }

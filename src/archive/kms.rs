@@ -66,17 +66,10 @@ pub struct Keyring {
 }
 
 fn kms_error(op: &'static str, key: &str, e: impl std::error::Error) -> ArchiveError {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
     ArchiveError::Kms {
         op,
         key: key.to_string(),
-        message: msg,
+        message: aws_sdk_kms::error::DisplayErrorContext(e).to_string(),
     }
 }
 

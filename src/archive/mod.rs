@@ -7,6 +7,7 @@
 //! where segments live (folder or S3), `writer` has the `Archiver` the daemon feeds, and
 //! `reader` lists, prints, decrypts and verifies.
 
+pub mod commands;
 pub mod kms;
 pub mod message;
 pub mod reader;

@@ -128,6 +128,9 @@ pub struct VerifyReport {
     pub heads: Vec<(String, u64, String)>,
 }
 
+/// One segment in a chain: (shown name, recorded previous SHA-256, own SHA-256).
+type Link = (String, String, String);
+
 /// Verifies every segment (decrypts it fully) and each host's chain: numbers 1..n without
 /// gaps or repeats, each segment recording the SHA-256 of the one before.
 pub async fn verify(
@@ -137,9 +140,7 @@ pub async fn verify(
     host: Option<&str>,
 ) -> Result<VerifyReport, ArchiveError> {
     let mut report = VerifyReport::default();
-    // host -> seq -> (name, prev, sha)
-    let mut chains: BTreeMap<String, BTreeMap<u64, Vec<(String, String, String)>>> =
-        BTreeMap::new();
+    let mut chains: BTreeMap<String, BTreeMap<u64, Vec<Link>>> = BTreeMap::new();
     for name in store.list().await? {
         if let (Some(h), Some((nh, _))) = (host, parse_object_name(&name)) {
             if h != nh {
@@ -185,12 +186,10 @@ pub async fn verify(
                 ));
             }
             match &prev {
-                Some((pname, psha)) if seq == expected => {
-                    if prev_sha != psha {
-                        report.problems.push(format!(
-                            "{name}: records previous-segment SHA-256 {prev_sha}, but {pname} hashes to {psha}: a segment was altered, replaced or reordered"
-                        ));
-                    }
+                Some((pname, psha)) if seq == expected && prev_sha != psha => {
+                    report.problems.push(format!(
+                        "{name}: records previous-segment SHA-256 {prev_sha}, but {pname} hashes to {psha}: a segment was altered, replaced or reordered"
+                    ));
                 }
                 None if seq == 1 && prev_sha != GENESIS => {
                     report.problems.push(format!(

@@ -209,16 +209,9 @@ impl Store {
 }
 
 fn store_error(what: &impl std::fmt::Display, e: impl std::error::Error) -> ArchiveError {
-    let mut message = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        src = s.source();
-    }
     ArchiveError::Store {
         location: what.to_string(),
-        message,
+        message: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
     }
 }
 

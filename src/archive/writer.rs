@@ -100,6 +100,11 @@ impl Archiver {
         let mut next_seq = 1;
         let mut prev = GENESIS.to_string();
         for store in &stores {
+            if let super::store::Location::Dir(d) = &store.location {
+                if !d.exists() {
+                    continue; // a new archive: made on the first write
+                }
+            }
             let tail = store
                 .list()
                 .await?
