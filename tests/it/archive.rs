@@ -549,7 +549,7 @@ async fn archive_costs_one_kms_call_per_segment_and_reports_throughput() {
             segments,
             "one KMS call per segment"
         );
-        assert!(segments >= 2 && segments < 20, "{stats}");
+        assert!((2..20).contains(&segments), "{stats}");
         eprintln!(
             "archive throughput to {}: {:.0} alerts/s, {:.2} KMS calls per 1,000 alerts ({stats})",
             dest[1],
