@@ -22,11 +22,17 @@ pub struct Listed {
     pub keys: Vec<String>,
 }
 
-/// Lists segments from their headers alone.
+/// Bytes read for a header; larger headers (many data keys) are read whole.
+const HEADER_PROBE: usize = 16 << 10;
+
+/// Lists segments from their headers alone (a ranged read of each).
 pub async fn list(store: &Store) -> Result<Vec<Listed>, ArchiveError> {
     let mut out = Vec::new();
     for name in store.list().await? {
-        let bytes = store.get(&name).await?;
+        let (mut bytes, size) = store.get_range(&name, Some(HEADER_PROBE)).await?;
+        if bytes.len() < size && message::parse_header(&bytes).is_err() {
+            bytes = store.get(&name).await?;
+        }
         let (info, keys) = match message::parse_header(&bytes) {
             Ok(h) => (
                 SegmentInfo::from_context(&h.context),
@@ -38,7 +44,7 @@ pub async fn list(store: &Store) -> Result<Vec<Listed>, ArchiveError> {
             Err(e) => (Err(e.to_string()), Vec::new()),
         };
         out.push(Listed {
-            size: bytes.len(),
+            size,
             name,
             info,
             keys,
@@ -75,7 +81,7 @@ pub struct Opened {
 }
 
 /// Reads, decrypts and checks one segment: kmsguard context, name matching the context,
-/// alert count matching the lines.
+/// alert count matching the lines, every alert JSON and inside the header's time range.
 pub async fn open(
     store: &Store,
     name: &str,
@@ -99,10 +105,20 @@ pub async fn open(
             )));
         }
     }
-    let lines = plaintext
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .count() as u64;
+    let mut lines = 0u64;
+    for line in plaintext.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        lines += 1;
+        let alert: Value = serde_json::from_slice(line)
+            .map_err(|e| bad(format!("alert {lines} is not JSON: {e}")))?;
+        if let Some(t) = alert.get("time").and_then(Value::as_str) {
+            if t < info.first_alert.as_str() || t > info.last_alert.as_str() {
+                return Err(bad(format!(
+                    "alert {lines} has time {t}, outside the header's range {} to {}",
+                    info.first_alert, info.last_alert
+                )));
+            }
+        }
+    }
     if lines != info.alerts {
         return Err(bad(format!(
             "holds {lines} alerts, its header says {}",

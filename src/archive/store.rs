@@ -143,30 +143,66 @@ impl Store {
         Ok(names)
     }
 
+    /// The whole segment.
     pub async fn get(&self, rel: &str) -> Result<Vec<u8>, ArchiveError> {
+        self.get_range(rel, None).await.map(|(b, _)| b)
+    }
+
+    /// The first `len` bytes (all when None) and the object's full size.
+    pub async fn get_range(
+        &self,
+        rel: &str,
+        len: Option<usize>,
+    ) -> Result<(Vec<u8>, usize), ArchiveError> {
         match &self.location {
-            Location::Dir(root) => {
+            Location::Dir(root) if len.is_some() => {
+                use std::io::Read;
                 let p = root.join(rel);
-                std::fs::read(&p).map_err(|e| ArchiveError::Io {
+                let io = |e| ArchiveError::Io {
                     path: p.display().to_string(),
                     source: e,
-                })
+                };
+                let f = std::fs::File::open(&p).map_err(io)?;
+                let size = f.metadata().map_err(io)?.len() as usize;
+                let mut buf = Vec::new();
+                f.take(len.unwrap_or(0) as u64)
+                    .read_to_end(&mut buf)
+                    .map_err(io)?;
+                Ok((buf, size))
+            }
+            Location::Dir(root) => {
+                let p = root.join(rel);
+                let b = std::fs::read(&p).map_err(|e| ArchiveError::Io {
+                    path: p.display().to_string(),
+                    source: e,
+                })?;
+                let size = b.len();
+                Ok((b, size))
             }
             Location::S3 { .. } => {
                 let (client, bucket) = self.s3()?;
-                let out = client
-                    .get_object()
-                    .bucket(bucket)
-                    .key(self.s3_key(rel))
+                let mut req = client.get_object().bucket(bucket).key(self.s3_key(rel));
+                if let Some(n) = len.filter(|&n| n > 0) {
+                    req = req.range(format!("bytes=0-{}", n - 1));
+                }
+                let out = req
                     .send()
                     .await
                     .map_err(|e| store_error(&self.display_name(rel), e))?;
+                // Content-Range: bytes 0-N/SIZE; without it the whole object came.
+                let total = out
+                    .content_range()
+                    .and_then(|r| r.rsplit('/').next())
+                    .and_then(|t| t.parse::<usize>().ok());
                 let body = out
                     .body
                     .collect()
                     .await
-                    .map_err(|e| store_error(&self.display_name(rel), e))?;
-                Ok(body.into_bytes().to_vec())
+                    .map_err(|e| store_error(&self.display_name(rel), e))?
+                    .into_bytes()
+                    .to_vec();
+                let size = total.unwrap_or(body.len());
+                Ok((body, size))
             }
         }
     }

@@ -298,6 +298,11 @@ impl Archiver {
         }
     }
 
+    /// Alerts buffered for the open segment (not yet encrypted).
+    pub fn buffered(&self) -> u64 {
+        self.count
+    }
+
     /// Segments sealed but not yet written everywhere.
     pub fn pending(&self) -> usize {
         self.pending.len()

@@ -558,3 +558,92 @@ async fn archive_costs_one_kms_call_per_segment_and_reports_throughput() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sealed_segments_wait_while_s3_is_unreachable_and_alerts_wait_while_kms_is() {
+    use kmsguard::archive::{Archiver, ArchiverConfig, Keyring, Location, Store};
+    use std::sync::Arc;
+    let moto = Moto::start();
+    let key = create_key(&moto, false).await;
+    let sdk = moto.sdk(REGION).await;
+    let s3 = kmsguard::aws::s3_client(
+        &sdk,
+        &kmsguard::aws::AwsSettings {
+            s3_force_path_style: true,
+            ..Default::default()
+        },
+    );
+    let keyring = Arc::new(Keyring::new(sdk));
+    let store = || {
+        let mut s = Store::new(
+            Location::S3 {
+                bucket: "late".into(),
+                prefix: "archive".into(),
+            },
+            Some(s3.clone()),
+        );
+        s.attempts = 2;
+        s
+    };
+    let cfg = ArchiverConfig::new(&key, "daemon-2");
+    create_bucket(&moto, "late").await;
+    let mut a = Archiver::open(cfg, keyring.clone(), vec![store()])
+        .await
+        .unwrap();
+    // The bucket goes away after the archiver started: uploads fail.
+    s3.delete_bucket()
+        .bucket("late")
+        .send()
+        .await
+        .expect("delete bucket");
+    let dir = temp().join("plain-check");
+    a.append(&alerts(50, 0)).await.unwrap();
+    let err = a
+        .flush()
+        .await
+        .expect_err("the upload cannot succeed without the bucket");
+    assert!(
+        err.to_string()
+            .contains("s3://late/archive/2026/10/01/daemon-2/0000000001.kga"),
+        "{err}"
+    );
+    assert_eq!(a.pending(), 1, "the sealed segment must wait");
+    assert_eq!(a.buffered(), 0);
+    a.append(&alerts(10, 50)).await.unwrap();
+    create_bucket(&moto, "late").await;
+    let written = a.flush().await.unwrap();
+    assert_eq!(written.len(), 1);
+    assert_eq!(a.pending(), 0);
+    let o = kmsguard(&moto, &["archive", "verify", "s3://late/archive"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("2 segments, 60 alerts"),
+        "{}",
+        stdout(&o)
+    );
+
+    // KMS refuses (no such key): the alerts stay buffered in memory, nothing is written.
+    let missing = key
+        .rsplit_once('/')
+        .map(|(p, _)| format!("{p}/00000000-0000-0000-0000-000000000000"))
+        .unwrap();
+    let mut b = Archiver::open(
+        ArchiverConfig::new(&missing, "daemon-3"),
+        keyring,
+        vec![Store::dir(&dir)],
+    )
+    .await
+    .unwrap();
+    b.append(&alerts(5, 0)).await.unwrap();
+    let err = b
+        .flush()
+        .await
+        .expect_err("no data key without the KMS key");
+    assert!(err.to_string().contains("GenerateDataKey"), "{err}");
+    assert_eq!(b.buffered(), 5);
+    assert_eq!(b.pending(), 0);
+    assert!(
+        !dir.exists() || segments(&dir).is_empty(),
+        "a segment was written without encryption"
+    );
+}
