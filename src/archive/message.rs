@@ -225,21 +225,20 @@ struct Keys {
     commitment: Zeroizing<[u8; 32]>,
 }
 
-fn derive(data_key: &[u8; KEY_LEN], message_id: &[u8; 32]) -> Keys {
+fn derive(data_key: &[u8; KEY_LEN], message_id: &[u8; 32]) -> Result<Keys, FormatError> {
     let hk = Hkdf::<Sha512>::new(Some(message_id), data_key);
     let mut enc = Zeroizing::new([0u8; KEY_LEN]);
-    let mut info = Vec::with_capacity(11);
-    info.extend_from_slice(&SUITE_ID.to_be_bytes());
-    info.extend_from_slice(b"DERIVEKEY");
+    let mut info = [0u8; 11];
+    info[..2].copy_from_slice(&SUITE_ID.to_be_bytes());
+    info[2..].copy_from_slice(b"DERIVEKEY");
     let mut commitment = Zeroizing::new([0u8; 32]);
-    // Both lengths (32) are far below HKDF-SHA512's limit of 255 * 64 bytes: cannot fail.
-    let ok = hk.expand(&info, enc.as_mut()).is_ok()
-        && hk.expand(b"COMMITKEY", commitment.as_mut()).is_ok();
-    debug_assert!(ok, "HKDF expand of 32 bytes cannot fail");
-    Keys {
-        cipher: Aes256Gcm::new(&(*enc).into()),
-        commitment,
-    }
+    // 32 bytes is far below HKDF-SHA512's limit (255 * 64), so neither expand can fail.
+    hk.expand(&info, enc.as_mut())
+        .and_then(|_| hk.expand(b"COMMITKEY", commitment.as_mut()))
+        .map_err(|_| FormatError::BadKeyLength(KEY_LEN))?;
+    let cipher =
+        Aes256Gcm::new_from_slice(enc.as_ref()).map_err(|_| FormatError::BadKeyLength(KEY_LEN))?;
+    Ok(Keys { cipher, commitment })
 }
 
 fn frame_iv(seq: u32) -> Nonce<aes_gcm::aead::consts::U12> {
@@ -282,7 +281,7 @@ pub fn encrypt(
             "key {k:?} uses the reserved prefix {RESERVED_PREFIX}"
         )));
     }
-    let keys = derive(data_key, &message_id);
+    let keys = derive(data_key, &message_id)?;
     let frames = plaintext.len().div_ceil(frame_len as usize).max(1);
     if frames >= FINAL_FRAME_MARK as usize {
         return Err(FormatError::TooManyFrames);
@@ -397,7 +396,7 @@ pub fn decrypt(data_key: &[u8], bytes: &[u8]) -> Result<(Header, Vec<u8>), Forma
         .try_into()
         .map_err(|_| FormatError::BadKeyLength(data_key.len()))?;
     let header = parse_header(bytes)?;
-    let keys = derive(data_key, &header.message_id);
+    let keys = derive(data_key, &header.message_id)?;
     if !ct_eq(keys.commitment.as_ref(), &header.commitment) {
         return Err(FormatError::CommitmentMismatch);
     }
@@ -592,6 +591,6 @@ mod tests {
         m.update(b"COMMITKEY");
         m.update(&[1]);
         let t1 = m.finalize().into_bytes();
-        assert_eq!(&derive(&dk, &mid).commitment[..], &t1[..32]);
+        assert_eq!(&derive(&dk, &mid).unwrap().commitment[..], &t1[..32]);
     }
 }

@@ -103,6 +103,12 @@ impl Store {
         let mut names = Vec::new();
         match &self.location {
             Location::Dir(root) => {
+                if !root.exists() {
+                    return Err(ArchiveError::Config(format!(
+                        "{}: no such archive folder; give the folder that `archive write --dir` wrote to, or s3://bucket/prefix",
+                        root.display()
+                    )));
+                }
                 if root.is_file() {
                     return Err(ArchiveError::Config(format!(
                         "{}: is a file; archive commands take the archive folder or s3://bucket/prefix",
