@@ -282,7 +282,11 @@ pub fn encrypt(
         )));
     }
     let keys = derive(data_key, &message_id)?;
-    let frames = plaintext.len().div_ceil(frame_len as usize).max(1);
+    // Full frames, then a final frame shorter than a frame (empty when the plaintext is an
+    // exact multiple): the Python SDK, and so aws-encryption-cli, refuses a full-size final
+    // frame although the format allows it.
+    let full = plaintext.len() / frame_len as usize;
+    let frames = full + 1;
     if frames >= FINAL_FRAME_MARK as usize {
         return Err(FormatError::TooManyFrames);
     }
@@ -308,11 +312,12 @@ pub fn encrypt(
         .map_err(|_| FormatError::HeaderAuth)?;
     out.extend_from_slice(&tag);
 
-    let mut chunks = plaintext.chunks(frame_len as usize).peekable();
-    let mut seq: u32 = 1;
-    loop {
-        let chunk = chunks.next().unwrap_or(&[]);
-        let fin = chunks.peek().is_none();
+    let (body, rest) = plaintext.split_at(full * frame_len as usize);
+    let chunks = body
+        .chunks(frame_len as usize)
+        .map(|c| (c, false))
+        .chain(std::iter::once((rest, true)));
+    for (seq, (chunk, fin)) in (1u32..).zip(chunks) {
         if fin {
             out.extend_from_slice(&FINAL_FRAME_MARK.to_be_bytes());
         }
@@ -320,7 +325,7 @@ pub fn encrypt(
         let iv = frame_iv(seq);
         out.extend_from_slice(&iv);
         if fin {
-            // chunk.len() <= frame_len, a u32.
+            // chunk.len() < frame_len, a u32.
             out.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
         }
         let start = out.len();
@@ -331,10 +336,6 @@ pub fn encrypt(
             .encrypt_inout_detached(&iv, &aad, (&mut out[start..]).into())
             .map_err(|_| FormatError::FrameAuth(seq))?;
         out.extend_from_slice(&tag);
-        if fin {
-            break;
-        }
-        seq += 1;
     }
     Ok(out)
 }
@@ -500,6 +501,22 @@ mod tests {
             assert_eq!(h.data_keys, edk());
             assert_eq!(h.frame_len, 16);
         }
+    }
+
+    #[test]
+    fn an_exact_multiple_ends_with_an_empty_final_frame() {
+        let key = [3u8; 32];
+        let msg = encrypt(&key, [9; 32], &ctx(), &edk(), 16, &[1u8; 32]).unwrap();
+        let h = parse_header(&msg).unwrap();
+        // Two full frames (4 + 12 + 16 + 16 bytes each), then the final frame header.
+        let fin = h.body_offset + 2 * 48;
+        assert_eq!(&msg[fin..fin + 8], &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 3]);
+        assert_eq!(
+            &msg[fin + 20..fin + 24],
+            &[0, 0, 0, 0],
+            "final frame not empty"
+        );
+        assert_eq!(msg.len(), fin + 24 + 16);
     }
 
     #[test]

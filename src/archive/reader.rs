@@ -8,7 +8,7 @@ use super::segment::{parse_object_name, sha256_hex, SegmentInfo, GENESIS};
 use super::store::Store;
 use super::ArchiveError;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::Path;
 
@@ -156,7 +156,8 @@ pub async fn verify(
     host: Option<&str>,
 ) -> Result<VerifyReport, ArchiveError> {
     let mut report = VerifyReport::default();
-    let mut chains: BTreeMap<String, BTreeMap<u64, Vec<Link>>> = BTreeMap::new();
+    let mut chains = Chains::new();
+    let mut failed = BTreeSet::new();
     for name in store.list().await? {
         if let (Some(h), Some((nh, _))) = (host, parse_object_name(&name)) {
             if h != nh {
@@ -175,40 +176,81 @@ pub async fn verify(
                     .push((store.display_name(&name), o.info.prev_sha256, o.sha256));
             }
             Err(e @ ArchiveError::Store { .. }) => return Err(e),
-            Err(e) => report.problems.push(e.to_string()),
+            Err(e) => {
+                if let Some(hs) = parse_object_name(&name) {
+                    failed.insert(hs);
+                }
+                report.problems.push(e.to_string());
+            }
         }
     }
-    for (h, segs) in &chains {
+    let (problems, heads) = check_chains(&chains, &failed);
+    report.problems.extend(problems);
+    report.heads = heads;
+    Ok(report)
+}
+
+/// Links per host and sequence number (several when a number repeats).
+type Chains = BTreeMap<String, BTreeMap<u64, Vec<Link>>>;
+
+/// The chain rules, over what the segments' authenticated headers say: per host, numbers
+/// 1..n without gaps or repeats, segment 1 recording the genesis hash, every other one the
+/// SHA-256 of its predecessor. `failed` holds (host, seq) of segments that could not be
+/// opened (already reported), so they are not reported again as missing. Returns the
+/// problems and each host's head (last number, its SHA-256).
+fn check_chains(
+    chains: &Chains,
+    failed: &BTreeSet<(String, u64)>,
+) -> (Vec<String>, Vec<(String, u64, String)>) {
+    let mut problems = Vec::new();
+    let mut heads = Vec::new();
+    for (h, segs) in chains {
         let mut expected = 1u64;
         let mut prev: Option<(String, String)> = None; // (name, sha)
         for (&seq, copies) in segs {
+            let Some((name, prev_sha, sha)) = copies.first() else {
+                continue;
+            };
             if copies.len() > 1 {
                 let names: Vec<_> = copies.iter().map(|c| c.0.as_str()).collect();
-                report.problems.push(format!(
+                problems.push(format!(
                     "host {h}: segment {seq} appears {} times: {}",
                     copies.len(),
                     names.join(", ")
                 ));
             }
-            let (name, prev_sha, sha) = &copies[0];
             if seq != expected {
-                let missing = if seq == expected + 1 {
-                    format!("segment {expected} is")
-                } else {
-                    format!("segments {expected} to {} are", seq - 1)
+                let missing: Vec<u64> = (expected..seq)
+                    .filter(|s| !failed.contains(&(h.clone(), *s)))
+                    .collect();
+                let text = match missing.as_slice() {
+                    [] => None,
+                    [one] => Some(format!("segment {one} is")),
+                    [first, .., last] if last - first + 1 == missing.len() as u64 => {
+                        Some(format!("segments {first} to {last} are"))
+                    }
+                    many => Some(format!(
+                        "segments {} are",
+                        many.iter()
+                            .map(u64::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
                 };
-                report.problems.push(format!(
-                    "host {h}: {missing} missing before {name} (removed, or never written)"
-                ));
+                if let Some(text) = text {
+                    problems.push(format!(
+                        "host {h}: {text} missing before {name} (removed, or never written)"
+                    ));
+                }
             }
             match &prev {
                 Some((pname, psha)) if seq == expected && prev_sha != psha => {
-                    report.problems.push(format!(
+                    problems.push(format!(
                         "{name}: records previous-segment SHA-256 {prev_sha}, but {pname} hashes to {psha}: a segment was altered, replaced or reordered"
                     ));
                 }
                 None if seq == 1 && prev_sha != GENESIS => {
-                    report.problems.push(format!(
+                    problems.push(format!(
                         "{name}: is segment 1 but records a previous segment ({prev_sha})"
                     ));
                 }
@@ -218,12 +260,12 @@ pub async fn verify(
             expected = seq + 1;
         }
         if let Some((last_seq, copies)) = segs.iter().next_back() {
-            report
-                .heads
-                .push((h.clone(), *last_seq, copies[0].2.clone()));
+            if let Some(c) = copies.first() {
+                heads.push((h.clone(), *last_seq, c.2.clone()));
+            }
         }
     }
-    Ok(report)
+    (problems, heads)
 }
 
 /// Filters for `archive cat`. Times compare as RFC 3339 strings (UTC, `Z`).
@@ -332,4 +374,80 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ArchiveError> {
         .open(path)
         .map_err(io)?;
     f.write_all(bytes).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(n: u64) -> String {
+        format!("{n:064x}")
+    }
+
+    /// A chain of host "h" with segments `seqs`; segment n hashes to sha(n) and records
+    /// sha(n - 1) (genesis for 1), unless `bad_prev` names it.
+    fn chain(seqs: &[u64], bad_prev: Option<u64>) -> Chains {
+        let mut c = Chains::new();
+        for &s in seqs {
+            let prev = if s == 1 {
+                GENESIS.to_string()
+            } else {
+                sha(s - 1)
+            };
+            let prev = if bad_prev == Some(s) { sha(999) } else { prev };
+            c.entry("h".into())
+                .or_default()
+                .entry(s)
+                .or_default()
+                .push((format!("{s}.kga"), prev, sha(s)));
+        }
+        c
+    }
+
+    #[test]
+    fn an_intact_chain_has_no_problems_and_reports_its_head() {
+        let (p, heads) = check_chains(&chain(&[1, 2, 3], None), &BTreeSet::new());
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(heads, vec![("h".to_string(), 3, sha(3))]);
+    }
+
+    #[test]
+    fn gaps_repeats_and_wrong_links_are_each_named() {
+        let (p, _) = check_chains(&chain(&[1, 2, 5, 6], None), &BTreeSet::new());
+        assert_eq!(
+            p,
+            vec!["host h: segments 3 to 4 are missing before 5.kga (removed, or never written)"]
+        );
+        let (p, _) = check_chains(&chain(&[2, 3], None), &BTreeSet::new());
+        assert_eq!(
+            p,
+            vec!["host h: segment 1 is missing before 2.kga (removed, or never written)"]
+        );
+        let (p, _) = check_chains(&chain(&[1, 2, 3], Some(3)), &BTreeSet::new());
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("3.kga: records previous-segment SHA-256"),
+            "{p:?}"
+        );
+        let (p, _) = check_chains(&chain(&[1, 2], Some(1)), &BTreeSet::new());
+        assert!(p[0].starts_with("1.kga: is segment 1 but records"), "{p:?}");
+        let mut c = chain(&[1, 2], None);
+        c.get_mut("h")
+            .unwrap()
+            .get_mut(&2)
+            .unwrap()
+            .push(("copy.kga".into(), sha(1), sha(2)));
+        let (p, _) = check_chains(&c, &BTreeSet::new());
+        assert_eq!(
+            p,
+            vec!["host h: segment 2 appears 2 times: 2.kga, copy.kga"]
+        );
+    }
+
+    #[test]
+    fn segments_that_failed_to_open_are_not_also_called_missing() {
+        let failed: BTreeSet<_> = [("h".to_string(), 2)].into_iter().collect();
+        let (p, _) = check_chains(&chain(&[1, 3], None), &failed);
+        assert!(p.is_empty(), "{p:?}");
+    }
 }

@@ -188,6 +188,53 @@ async fn segments_decrypt_with_aws_encryption_cli_to_exactly_the_archived_jsonl(
         .expect("aws-encryption-cli runs");
     assert!(!dest.exists() || std::fs::read(&dest).unwrap().is_empty());
 
+    // kmsguard's own decrypt keeps the layout: one .jsonl file per segment, in order.
+    let plain = temp().join("plain");
+    let o = kmsguard(
+        &moto,
+        &[
+            "archive",
+            "decrypt",
+            dir.to_str().unwrap(),
+            "--out",
+            plain.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "decrypt: {}", stderr(&o));
+    let files: Vec<&str> = stdout(&o).leak().lines().collect();
+    assert_eq!(files.len(), segs.len());
+    let all: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    assert_eq!(all, jsonl);
+
+    // A segment whose plaintext is exactly two frames (the final frame full-size) opens too.
+    let mut pad = json!({"time": "2026-10-02T00:00:00Z", "pad": ""});
+    let base = format!("{pad}\n").len();
+    pad["pad"] = json!("x".repeat(8192 - base));
+    let exact = format!("{pad}\n");
+    assert_eq!(exact.len(), 8192);
+    let dir2 = temp().join("exact");
+    write(&moto, &key, &["--dir", dir2.to_str().unwrap()], &[], &exact);
+    let seg = &segments(&dir2)[0];
+    let dest = out.join("exact.jsonl");
+    let o = esdk_cli(&moto, REGION)
+        .args(["--decrypt", "--input"])
+        .arg(seg)
+        .arg("--output")
+        .arg(&dest)
+        .args(["--wrapping-keys", &format!("key={key}")])
+        .args([
+            "--encryption-context",
+            "purpose=kmsguard-alert-archive",
+            "-S",
+        ])
+        .output()
+        .expect("aws-encryption-cli runs");
+    assert!(dest.exists(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), exact);
+
     // The S3 copy verifies and prints the same alerts, in order.
     let o = kmsguard(&moto, &["archive", "verify", "s3://audit/archive"]);
     assert!(o.status.success(), "verify s3: {}", stderr(&o));
