@@ -10,6 +10,19 @@ use std::time::Duration;
 /// File name extension of archive segments.
 pub const SEGMENT_EXT: &str = "kga";
 
+/// Largest segment object read (kmsguard writes 8 MiB by default); larger objects are
+/// refused rather than read into memory.
+pub const MAX_SEGMENT_BYTES: usize = 1 << 30;
+
+fn too_large(what: String, size: usize) -> ArchiveError {
+    ArchiveError::Store {
+        location: what,
+        message: format!(
+            "{size} bytes is larger than any segment ({MAX_SEGMENT_BYTES} at most); not an archive segment"
+        ),
+    }
+}
+
 /// A folder, or `s3://bucket/prefix`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
@@ -178,10 +191,15 @@ impl Store {
             }
             Location::Dir(root) => {
                 let p = root.join(rel);
-                let b = std::fs::read(&p).map_err(|e| ArchiveError::Io {
+                let io = |e| ArchiveError::Io {
                     path: p.display().to_string(),
                     source: e,
-                })?;
+                };
+                let size = std::fs::metadata(&p).map_err(io)?.len() as usize;
+                if size > MAX_SEGMENT_BYTES {
+                    return Err(too_large(p.display().to_string(), size));
+                }
+                let b = std::fs::read(&p).map_err(io)?;
                 let size = b.len();
                 Ok((b, size))
             }
@@ -195,6 +213,12 @@ impl Store {
                     .send()
                     .await
                     .map_err(|e| store_error(&self.display_name(rel), e))?;
+                if len.is_none() && out.content_length().unwrap_or(0) > MAX_SEGMENT_BYTES as i64 {
+                    return Err(too_large(
+                        self.display_name(rel),
+                        out.content_length().unwrap_or(0) as usize,
+                    ));
+                }
                 // Content-Range: bytes 0-N/SIZE; without it the whole object came.
                 let total = out
                     .content_range()

@@ -341,6 +341,19 @@ pub fn rfc3339(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The daemon spawns archiving on tokio: its futures must be `Send`.
+    #[allow(dead_code)]
+    fn archiver_futures_are_send(a: &mut super::Archiver) {
+        fn send<T: Send>(_: T) {}
+        send(a.append(&[]));
+    }
+
+    #[allow(dead_code)]
+    fn archiver_flush_is_send(a: &mut super::Archiver) {
+        fn send<T: Send>(_: T) {}
+        send(a.flush());
+    }
+
     #[test]
     fn formats_utc_times() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
