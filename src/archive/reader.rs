@@ -4,7 +4,7 @@
 
 use super::kms::Keyring;
 use super::message;
-use super::segment::{parse_object_name, sha256_hex, SegmentInfo, GENESIS};
+use super::segment::{parse_object_name, plausible_time, sha256_hex, SegmentInfo, GENESIS};
 use super::store::Store;
 use super::ArchiveError;
 use serde_json::Value;
@@ -110,7 +110,11 @@ pub async fn open(
         lines += 1;
         let alert: Value = serde_json::from_slice(line)
             .map_err(|e| bad(format!("alert {lines} is not JSON: {e}")))?;
-        if let Some(t) = alert.get("time").and_then(Value::as_str) {
+        if let Some(t) = alert
+            .get("time")
+            .and_then(Value::as_str)
+            .filter(|t| plausible_time(t))
+        {
             if t < info.first_alert.as_str() || t > info.last_alert.as_str() {
                 return Err(bad(format!(
                     "alert {lines} has time {t}, outside the header's range {} to {}",

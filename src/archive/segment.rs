@@ -110,6 +110,23 @@ impl SegmentInfo {
     }
 }
 
+/// Whether an alert's `time` is used as such: `YYYY-MM-DDTHH:MM:SS...` in at most 40
+/// ASCII characters (fractions and offsets kept). Others are dated when archived, and
+/// not range-checked when read.
+pub fn plausible_time(t: &str) -> bool {
+    let b = t.as_bytes();
+    (20..=40).contains(&b.len())
+        && b.iter().all(|c| c.is_ascii_graphic())
+        && [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
+            .iter()
+            .all(|&i| b[i].is_ascii_digit())
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+}
+
 /// Sequence number and host from an object name made by [`SegmentInfo::object_name`].
 pub fn parse_object_name(rel: &str) -> Option<(String, u64)> {
     let mut parts = rel.rsplit('/');
@@ -177,6 +194,18 @@ mod tests {
         let mut bad = i.context();
         bad.insert(K_PURPOSE.into(), "other".into());
         assert!(SegmentInfo::from_context(&bad).is_err());
+    }
+
+    #[test]
+    fn only_plausible_times_reach_the_context() {
+        assert!(plausible_time("2026-10-01T12:00:00Z"));
+        assert!(plausible_time("2026-10-01T12:00:00.123+02:00"));
+        assert!(!plausible_time("2026-10-01"));
+        assert!(!plausible_time(&format!(
+            "2026-10-01T12:00:00Z{}",
+            "x".repeat(70000)
+        )));
+        assert!(!plausible_time("2026-10-01T12:00:00 Z"));
     }
 
     #[test]

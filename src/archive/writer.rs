@@ -6,7 +6,9 @@
 
 use super::kms::Keyring;
 use super::message::{self, DEFAULT_FRAME_LEN};
-use super::segment::{clean_host, parse_object_name, sha256_hex, SegmentInfo, GENESIS};
+use super::segment::{
+    clean_host, parse_object_name, plausible_time, sha256_hex, SegmentInfo, GENESIS,
+};
 use super::store::Store;
 use super::ArchiveError;
 use serde_json::Value;
@@ -169,18 +171,28 @@ impl Archiver {
     }
 
     /// Buffers `alerts`; seals and writes segments that are full or old enough. Returns
-    /// the segments written by this call.
+    /// the segments written by this call. Every alert is taken even when this returns an
+    /// error (KMS or S3 unreachable): it stays buffered, or sealed and pending, and goes
+    /// out with a later call.
     pub async fn append(&mut self, alerts: &[Value]) -> Result<Vec<Sealed>, ArchiveError> {
         let mut sealed = Vec::new();
+        let mut first_err = None;
         if self.due() {
-            sealed.extend(self.seal_and_write().await?);
+            match self.seal_and_write().await {
+                Ok(s) => sealed.extend(s),
+                Err(e) => first_err = Some(e),
+            }
         }
         for alert in alerts {
-            let line =
-                serde_json::to_vec(alert).map_err(|e| ArchiveError::Config(e.to_string()))?;
+            let Ok(line) = serde_json::to_vec(alert) else {
+                continue; // a serde_json::Value always serializes
+            };
+            // Only a plausible RFC 3339 time goes into the encryption context (which is
+            // capped at 64 KiB); anything else is dated now.
             let time = alert
                 .get("time")
                 .and_then(Value::as_str)
+                .filter(|t| plausible_time(t))
                 .map(str::to_string)
                 .unwrap_or_else(now_rfc3339);
             if self.first.as_ref().is_none_or(|f| time < *f) {
@@ -195,11 +207,17 @@ impl Archiver {
             self.buf.extend_from_slice(&line);
             self.buf.push(b'\n');
             self.count += 1;
-            if self.buf.len() >= self.cfg.max_segment_bytes {
-                sealed.extend(self.seal_and_write().await?);
+            if self.buf.len() >= self.cfg.max_segment_bytes && first_err.is_none() {
+                match self.seal_and_write().await {
+                    Ok(s) => sealed.extend(s),
+                    Err(e) => first_err = Some(e),
+                }
             }
         }
-        Ok(sealed)
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(sealed),
+        }
     }
 
     /// Whether the open segment is older than the configured age.
