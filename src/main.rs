@@ -1,6 +1,6 @@
 //! The kmsguard binary: parses the command line, runs one mode of the library, and maps
-//! errors to exit codes (0 ok, 1 findings at/above --fail-on or failed rule tests,
-//! 2 bad arguments, rules or paths).
+//! errors to exit codes (0 ok, 1 findings at/above --fail-on, failed rule tests or
+//! problems found by `archive verify`, 2 bad arguments, rules, paths or unreadable input).
 
 mod cli;
 
@@ -262,25 +262,14 @@ fn archive(cmd: ArchiveCommand) -> Result<ExitCode> {
                     None => (Box::new(std::io::stdin().lock()), "standard input".into()),
                 };
                 let o = archive_cmd::write(&clients, cfg, dests, &mut input, &name).await?;
-                let rate = o.stats.alerts as f64 / o.seconds.max(1e-9);
-                if stats {
-                    eprintln!(
-                        "{}",
-                        serde_json::json!({
-                            "alerts": o.stats.alerts, "segments": o.stats.segments,
-                            "plaintext_bytes": o.stats.plaintext_bytes,
-                            "ciphertext_bytes": o.stats.ciphertext_bytes,
-                            "kms_calls": o.kms_calls, "seconds": o.seconds,
-                            "alerts_per_second": rate,
-                            "first_segment": o.first_seq, "next_segment": o.next_seq,
-                        })
-                    );
-                } else {
-                    eprintln!(
-                        "archived {} alerts in {} segments ({:.0} alerts/s, {} KMS calls)",
-                        o.stats.alerts, o.stats.segments, rate, o.kms_calls
-                    );
-                }
+                eprintln!(
+                    "{}",
+                    if stats {
+                        o.summary_json()
+                    } else {
+                        o.summary_text()
+                    }
+                );
                 Ok(ExitCode::SUCCESS)
             }
             ArchiveCommand::List { location, .. } => {
@@ -321,28 +310,15 @@ fn archive(cmd: ArchiveCommand) -> Result<ExitCode> {
                 let r =
                     archive_cmd::verify(&clients, loc, read.key.as_deref(), read.host.as_deref())
                         .await?;
-                for p in &r.problems {
-                    eprintln!("problem: {p}");
-                }
-                for (host, seq, sha) in &r.heads {
-                    println!("head {host}: segment {seq} sha256 {sha}");
-                }
-                println!(
-                    "{} segments, {} alerts checked in {location}: {}",
-                    r.segments,
-                    r.alerts,
-                    if r.problems.is_empty() {
-                        "ok".to_string()
-                    } else {
-                        format!("{} problems", r.problems.len())
-                    }
-                );
-                Ok(if r.problems.is_empty() && r.segments > 0 {
+                let ok = archive_cmd::print_verify_report(
+                    &mut std::io::stdout().lock(),
+                    &mut std::io::stderr().lock(),
+                    &r,
+                    &location,
+                )?;
+                Ok(if ok {
                     ExitCode::SUCCESS
                 } else {
-                    if r.segments == 0 {
-                        eprintln!("problem: no segments found in {location}");
-                    }
                     ExitCode::from(1)
                 })
             }

@@ -45,6 +45,39 @@ pub struct WriteOutcome {
     pub next_seq: u64,
 }
 
+impl WriteOutcome {
+    pub fn alerts_per_second(&self) -> f64 {
+        self.stats.alerts as f64 / self.seconds.max(1e-9)
+    }
+
+    /// One line for people.
+    pub fn summary_text(&self) -> String {
+        format!(
+            "archived {} alerts in {} segments ({:.0} alerts/s, {} KMS calls)",
+            self.stats.alerts,
+            self.stats.segments,
+            self.alerts_per_second(),
+            self.kms_calls
+        )
+    }
+
+    /// One JSON object for scripts and benchmarks.
+    pub fn summary_json(&self) -> String {
+        serde_json::json!({
+            "alerts": self.stats.alerts,
+            "segments": self.stats.segments,
+            "plaintext_bytes": self.stats.plaintext_bytes,
+            "ciphertext_bytes": self.stats.ciphertext_bytes,
+            "kms_calls": self.kms_calls,
+            "seconds": self.seconds,
+            "alerts_per_second": self.alerts_per_second(),
+            "first_segment": self.first_seq,
+            "next_segment": self.next_seq,
+        })
+        .to_string()
+    }
+}
+
 /// Archives the JSON Lines of `input` (one alert object per line; blank lines skipped).
 pub async fn write(
     clients: &Clients,
@@ -148,6 +181,36 @@ pub async fn verify(
     host: Option<&str>,
 ) -> Result<VerifyReport, ArchiveError> {
     reader::verify(&clients.store(location), &clients.keyring, key, host).await
+}
+
+/// Prints problems (to `err`), each host's head and a summary (to `out`). Returns whether
+/// the archive checked out: at least one segment and no problem.
+pub fn print_verify_report(
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    r: &VerifyReport,
+    location: &str,
+) -> std::io::Result<bool> {
+    for p in &r.problems {
+        writeln!(err, "problem: {p}")?;
+    }
+    if r.segments == 0 {
+        writeln!(err, "problem: no segments found in {location}")?;
+    }
+    for (host, seq, sha) in &r.heads {
+        writeln!(out, "head {host}: segment {seq} sha256 {sha}")?;
+    }
+    let verdict = if r.problems.is_empty() {
+        "ok".to_string()
+    } else {
+        format!("{} problems", r.problems.len())
+    };
+    writeln!(
+        out,
+        "{} segments, {} alerts checked in {location}: {verdict}",
+        r.segments, r.alerts
+    )?;
+    Ok(r.problems.is_empty() && r.segments > 0)
 }
 
 /// Decrypts an archive (folder or S3) to `out_dir`, keeping its layout, or one message
