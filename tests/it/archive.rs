@@ -694,3 +694,19 @@ async fn sealed_segments_wait_while_s3_is_unreachable_and_alerts_wait_while_kms_
         "a segment was written without encryption"
     );
 }
+
+#[test]
+fn archive_help_texts_have_examples() {
+    for sub in ["write", "list", "cat", "verify", "decrypt"] {
+        let o = run(bin().args(["archive", sub, "--help"]));
+        assert_eq!(o.status.code(), Some(0));
+        assert!(stdout(&o).contains("Examples:"), "archive {sub}");
+    }
+    let o = run(bin().args(["archive", "list", "/no/such/archive"]));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("/no/such/archive: no such archive folder"),
+        "{}",
+        stderr(&o)
+    );
+}
