@@ -8,6 +8,7 @@
 
 pub mod act;
 pub mod analyze;
+pub mod archive;
 pub mod aws;
 pub mod config;
 pub mod daemon;

@@ -14,7 +14,7 @@ use super::render;
 use super::secret::Secret;
 use super::{hash_id, Alert, Delivered, DeliveryError};
 use crate::analyze::finding::Severity;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use std::fmt;

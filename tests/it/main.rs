@@ -3,6 +3,7 @@
 //! (moto, aiosmtpd, HTTP receivers written in the tests).
 
 mod alerts;
+mod archive;
 mod baselines;
 mod daemon;
 mod moto_smoke;

@@ -5,7 +5,7 @@
 //! CA for TLS relays.
 
 use crate::support::{python, repo};
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 use std::collections::VecDeque;
