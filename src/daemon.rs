@@ -910,10 +910,23 @@ async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Rec
             }
             continue;
         }
-        let (keys, findings): (Vec<String>, Vec<Finding>) = batch.into_iter().unzip();
+        let (mut keys, findings): (Vec<String>, Vec<Finding>) = batch.into_iter().unzip();
         match shared.sinks[sink].deliver(&findings).await {
-            Ok(follow_ups) => {
+            Ok(outbox::Delivery { accepted: 0, follow_ups }) if follow_ups.is_empty() => {
+                // The sink waits for more (or for time to pass) before it takes these.
                 backoff.reset();
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+            Ok(outbox::Delivery { accepted, follow_ups }) => {
+                backoff.reset();
+                keys.truncate(accepted.min(keys.len()));
                 let n = keys.len();
                 if let Err(e) = outbox::delivered(&shared.store, &shared.sinks, keys, &follow_ups) {
                     error!(sink = name, error = %e, "delivered, but cannot record it: the batch may be delivered again");
