@@ -912,7 +912,10 @@ async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Rec
         }
         let (mut keys, findings): (Vec<String>, Vec<Finding>) = batch.into_iter().unzip();
         match shared.sinks[sink].deliver(&findings).await {
-            Ok(outbox::Delivery { accepted: 0, follow_ups }) if follow_ups.is_empty() => {
+            Ok(outbox::Delivery {
+                accepted: 0,
+                follow_ups,
+            }) if follow_ups.is_empty() => {
                 // The sink waits for more (or for time to pass) before it takes these.
                 backoff.reset();
                 tokio::select! {
@@ -924,7 +927,10 @@ async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Rec
                     return;
                 }
             }
-            Ok(outbox::Delivery { accepted, follow_ups }) => {
+            Ok(outbox::Delivery {
+                accepted,
+                follow_ups,
+            }) => {
                 backoff.reset();
                 keys.truncate(accepted.min(keys.len()));
                 let n = keys.len();

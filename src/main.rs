@@ -228,6 +228,9 @@ fn replay_inventory(
                 findings.len()
             );
         }
+        for f in findings.iter_mut() {
+            kmsguard::analyze::baseline::escalate_for_tags(f);
+        }
     }
     store.flush()?;
     Ok(())

@@ -807,6 +807,33 @@ impl Detector {
     }
 }
 
+/// Tag values that mark a key as sensitive (`sensitivity`, `classification` or
+/// `data-classification` tags, case-insensitive).
+const SENSITIVE: [&str; 5] = ["high", "critical", "restricted", "secret", "confidential"];
+
+/// Raises a first-use-of-key anomaly by one level when the key is tagged sensitive (the
+/// tags come from the key inventory, so this runs after enrichment).
+pub fn escalate_for_tags(f: &mut Finding) {
+    if f.rule != "anomaly-new-key" {
+        return;
+    }
+    let sensitive = f.key_tags.iter().any(|(k, v)| {
+        matches!(
+            k.to_ascii_lowercase().as_str(),
+            "sensitivity" | "classification" | "data-classification"
+        ) && SENSITIVE.contains(&v.to_ascii_lowercase().as_str())
+    });
+    if sensitive {
+        f.severity = match f.severity {
+            Severity::Info => Severity::Low,
+            Severity::Low => Severity::Medium,
+            Severity::Medium => Severity::High,
+            Severity::High | Severity::Critical => Severity::Critical,
+        };
+        f.summary.push_str(" The key is tagged sensitive.");
+    }
+}
+
 fn fold(r: &mut Rate, x: f64) {
     if r.buckets == 0 {
         r.mean = x;
@@ -842,6 +869,21 @@ fn close_bucket(r: &mut Rate, cfg: &BaselineConfig) -> Option<(Rate, f64, f64)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sensitive_keys_raise_first_use() {
+        let mut f = Finding {
+            rule: "anomaly-new-key".into(),
+            severity: Severity::Medium,
+            ..crate::analyze::finding::Finding::default()
+        };
+        escalate_for_tags(&mut f);
+        assert_eq!(f.severity, Severity::Medium, "untagged: unchanged");
+        f.key_tags.insert("Sensitivity".into(), "High".into());
+        escalate_for_tags(&mut f);
+        assert_eq!(f.severity, Severity::High);
+        assert!(f.summary.ends_with("tagged sensitive."));
+    }
 
     #[test]
     fn time_parsing() {
