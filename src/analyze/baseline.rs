@@ -733,7 +733,12 @@ impl Detector {
                     event_source: crate::event::KMS_SOURCE.into(),
                     time: r.first_time.clone(),
                     principal: Some(p.clone()),
-                    principal_role: None,
+                    // The stable principal is a role ARN (possibly "ROLE via SERVICE").
+                    principal_role: p
+                        .split(" via ")
+                        .next()
+                        .filter(|r| r.contains(":role/"))
+                        .map(str::to_string),
                     account: None,
                     region: None,
                     keys: Vec::new(),
