@@ -13,6 +13,8 @@ pub struct Event<'v> {
     /// The top-level fields every accessor needs, found in one pass over the record
     /// (the parsed object is a small vector map: each lookup is a linear scan).
     top: [Option<&'v Value<'v>>; TOP.len()],
+    /// Bit i set: `TOP[i]` occurs more than once in the record.
+    dups: u16,
 }
 
 /// Top-level fields cached by `Event::new`.
@@ -41,22 +43,29 @@ pub const CLOUDTRAIL_SOURCE: &str = "cloudtrail.amazonaws.com";
 impl<'v> Event<'v> {
     pub fn new(root: &'v Value<'v>) -> Self {
         let mut top = [None; TOP.len()];
+        let mut dups = 0u16;
         if let Value::Object(o) = root {
-            let mut left = TOP.len();
             for (k, v) in o.iter() {
                 if let Some(i) = TOP.iter().position(|t| *t == k.as_ref()) {
                     // With duplicate keys the first wins, as in `object_get`.
                     if top[i].is_none() {
                         top[i] = Some(v);
-                        left -= 1;
-                        if left == 0 {
-                            break;
-                        }
+                    } else {
+                        dups |= 1 << i;
                     }
                 }
             }
         }
-        Event { root, top }
+        Event { root, top, dups }
+    }
+
+    /// Top-level fields kmsguard reads that occur more than once in the record (an
+    /// ambiguity other parsers resolve by keeping the last value).
+    pub fn duplicate_fields(&self) -> Vec<&'static str> {
+        (0..TOP.len())
+            .filter(|i| self.dups & (1 << i) != 0)
+            .map(|i| TOP[i])
+            .collect()
     }
 
     /// A top-level field, from the cache when it is one of `TOP`.
@@ -241,18 +250,4 @@ fn any_at<'v>(v: &'v Value<'v>, path: &[String], f: &mut dyn FnMut(&Value<'v>) -
             },
         },
     }
-}
-
-/// The names of top-level keys that occur more than once in a record.
-pub fn duplicate_keys(v: &Value<'_>) -> Vec<String> {
-    let mut dups = Vec::new();
-    if let Value::Object(o) = v {
-        let keys: Vec<&str> = o.keys().map(|k| k.as_ref()).collect();
-        for (i, k) in keys.iter().enumerate() {
-            if keys[..i].contains(k) && !dups.iter().any(|d: &String| d == k) {
-                dups.push(k.to_string());
-            }
-        }
-    }
-    dups
 }
