@@ -76,7 +76,7 @@ impl ArchiveSink {
             .iter()
             .map(ToString::to_string)
             .collect();
-        format!("archive:{}", to.join("+"))
+        format!("archive:{}@{}", self.cfg.host, to.join("+"))
     }
 
     pub fn accepts(&self, f: &Finding) -> bool {
