@@ -162,23 +162,28 @@ impl ArchiveSink {
             }
         };
         let mut values = Vec::with_capacity(batch.len());
+        let mut lens = Vec::with_capacity(batch.len());
         let mut bytes = 0usize;
-        let mut full = batch.len() >= self.cfg.max_segment_findings;
         for f in batch.iter().take(self.cfg.max_segment_findings) {
             let v = serde_json::to_value(f)
                 .map_err(|e| DeliveryError::Permanent(format!("finding {}: {e}", f.id)))?;
             let len = serde_json::to_vec(&v).map_or(0, |b| b.len()) + 1;
-            if !values.is_empty() && bytes + len > self.cfg.max_segment_bytes {
-                full = true;
-                break;
-            }
-            bytes += len;
             values.push(v);
+            lens.push(len);
+            bytes += len;
+            if bytes > self.cfg.max_segment_bytes {
+                break; // enough to decide
+            }
         }
-        full |= bytes >= self.cfg.max_segment_bytes;
-        if !full && now.duration_since(since) < self.cfg.max_segment_age {
+        let Some(n) = segment_len(
+            &lens,
+            self.cfg.max_segment_findings,
+            self.cfg.max_segment_bytes,
+            now.duration_since(since) >= self.cfg.max_segment_age,
+        ) else {
             return Ok(Delivery::default());
-        }
+        };
+        values.truncate(n);
 
         let calls = self.keyring.calls();
         let segment = archiver.seal_exact(&values).await.map_err(|e| {
@@ -218,5 +223,52 @@ impl ArchiveSink {
                 "archive segment written"
             );
         }
+    }
+}
+
+/// How many of the pending findings (their JSON line lengths, oldest first) go into the
+/// next segment, or None when it is not time yet. A segment is due when the findings
+/// reach `max_findings` or `max_bytes`, or when the oldest is `old` enough; it never goes
+/// over either limit, except that one finding larger than `max_bytes` makes a segment
+/// of its own.
+pub fn segment_len(
+    line_lens: &[usize],
+    max_findings: usize,
+    max_bytes: usize,
+    old: bool,
+) -> Option<usize> {
+    let mut bytes = 0usize;
+    let mut n = 0;
+    for &len in line_lens.iter().take(max_findings) {
+        if n > 0 && bytes + len > max_bytes {
+            return Some(n); // the next one would not fit: full
+        }
+        bytes += len;
+        n += 1;
+    }
+    let full = n >= max_findings.max(1) || bytes >= max_bytes;
+    (n > 0 && (full || old)).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segment_len;
+
+    #[test]
+    fn a_segment_is_due_at_its_size_count_or_age_and_never_over_a_limit() {
+        // Not yet: below every limit and young.
+        assert_eq!(segment_len(&[100; 5], 10, 1000, false), None);
+        assert_eq!(segment_len(&[], 10, 1000, true), None);
+        // Old enough: whatever is there.
+        assert_eq!(segment_len(&[100; 5], 10, 1000, true), Some(5));
+        // By count: exactly the limit, even when more wait.
+        assert_eq!(segment_len(&[100; 10], 10, 10_000, false), Some(10));
+        assert_eq!(segment_len(&[100; 25], 10, 10_000, false), Some(10));
+        // By bytes: exactly full, or as many as fit when the next would not.
+        assert_eq!(segment_len(&[100; 10], 100, 1000, false), Some(10));
+        assert_eq!(segment_len(&[300; 4], 100, 1000, false), Some(3));
+        assert_eq!(segment_len(&[300, 300, 300], 100, 1000, false), None);
+        // One finding over the byte limit goes alone rather than blocking the rest.
+        assert_eq!(segment_len(&[5000, 10], 100, 1000, false), Some(1));
     }
 }

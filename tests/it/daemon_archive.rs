@@ -492,3 +492,81 @@ fn walk_files(d: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The daemon's crash window between two destinations: a segment written to the folder
+/// but not to S3. Reopening copies it to S3 (no gap there), writing a sealed segment
+/// again is harmless, and a different segment of the same name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_brings_a_destination_that_missed_a_segment_up_to_date() {
+    use kmsguard::archive::{Archiver, ArchiverConfig, Keyring, Location, Store};
+    use std::sync::Arc;
+    let moto = Moto::start();
+    let key = create_key(&moto, false).await;
+    create_bucket(&moto, "audit").await;
+    let sdk = moto.sdk("us-east-1").await;
+    let s3 = kmsguard::aws::s3_client(
+        &sdk,
+        &kmsguard::aws::AwsSettings {
+            s3_force_path_style: true,
+            ..Default::default()
+        },
+    );
+    let keyring = Arc::new(Keyring::new(sdk));
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("archive");
+    let s3_store = || {
+        Store::new(
+            Location::S3 {
+                bucket: "audit".into(),
+                prefix: "a".into(),
+            },
+            Some(s3.clone()),
+        )
+    };
+    let finding =
+        |i: usize| json!({"id": format!("f{i}"), "time": "2026-10-01T12:00:00Z", "kind": "rule"});
+    let cfg = ArchiverConfig::new(&key, "crashy");
+
+    // Segment 1 reached only the folder.
+    let mut a = Archiver::open(cfg.clone(), keyring.clone(), vec![Store::dir(&dir)])
+        .await
+        .unwrap();
+    let one = a.seal_exact(&[finding(1), finding(2)]).await.unwrap();
+    a.write_sealed(&one).await.unwrap();
+    a.write_sealed(&one)
+        .await
+        .expect("writing the same segment again is a no-op");
+    assert_eq!(archived(&moto, "s3://audit/a"), 0);
+
+    let mut b = Archiver::open(
+        cfg.clone(),
+        keyring.clone(),
+        vec![Store::dir(&dir), s3_store()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.next_seq(), 2);
+    assert_eq!(
+        listed_counts(&moto, "s3://audit/a"),
+        vec![2],
+        "segment 1 copied to S3"
+    );
+    let two = b.seal_exact(&[finding(3)]).await.unwrap();
+    b.write_sealed(&two).await.unwrap();
+    for loc in [dir.to_str().unwrap(), "s3://audit/a"] {
+        assert_eq!(verify(&moto, loc), (2, 3), "{loc}");
+    }
+
+    // Another writer with the same host name: its segment 3 differs from ours.
+    let mut c = Archiver::open(cfg.clone(), keyring.clone(), vec![Store::dir(&dir)])
+        .await
+        .unwrap();
+    let theirs = c.seal_exact(&[finding(4)]).await.unwrap();
+    c.write_sealed(&theirs).await.unwrap();
+    let mine = b.seal_exact(&[finding(5)]).await.unwrap();
+    let err = b.write_sealed(&mine).await.unwrap_err().to_string();
+    assert!(
+        err.contains("a different segment of that name exists already"),
+        "{err}"
+    );
+}
