@@ -186,13 +186,15 @@ impl ArchiveSink {
         values.truncate(n);
 
         let calls = self.keyring.calls();
-        let segment = archiver.seal_exact(&values).await.map_err(|e| {
+        let sealed = archiver.seal_exact(&values).await;
+        // Failed attempts count too: they are KMS requests all the same.
+        st.stats.kms_calls += self.keyring.calls() - calls;
+        let segment = sealed.map_err(|e| {
             transient(
                 "cannot seal an archive segment (the findings wait in the outbox)",
                 e,
             )
         })?;
-        st.stats.kms_calls += self.keyring.calls() - calls;
         let ids: Vec<String> = batch[..values.len()].iter().map(|f| f.id.clone()).collect();
         let result = archiver.write_sealed(&segment).await;
         st.sealed = Some((segment, ids));
