@@ -148,7 +148,7 @@ impl ArchiveSink {
             self.written(st, n);
             return Ok(Delivery {
                 accepted: n,
-                follow_ups: Vec::new(),
+                ..Delivery::default()
             });
         }
 
@@ -203,7 +203,7 @@ impl ArchiveSink {
         self.written(st, n);
         Ok(Delivery {
             accepted: n,
-            follow_ups: Vec::new(),
+            ..Delivery::default()
         })
     }
 
