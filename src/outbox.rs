@@ -35,12 +35,24 @@ pub struct Delivery {
 pub enum Sink {
     /// Appends JSON Lines to a file and fsyncs.
     File(FileSinkConfig),
+    /// Seals findings into envelope-encrypted archive segments (docs/archive.md); takes
+    /// them only once a whole segment is written.
+    Archive(Box<crate::archive::ArchiveSink>),
 }
 
 impl Sink {
     pub fn name(&self) -> String {
         match self {
             Sink::File(f) => format!("file:{}", f.path.display()),
+            Sink::Archive(a) => a.name(),
+        }
+    }
+
+    /// The most entries one `deliver` call is given.
+    pub fn batch_limit(&self) -> usize {
+        match self {
+            Sink::Archive(a) => a.batch_limit(),
+            _ => 500,
         }
     }
 
@@ -49,6 +61,7 @@ impl Sink {
     pub fn accepts(&self, f: &Finding) -> bool {
         match self {
             Sink::File(c) => f.severity >= c.min_severity,
+            Sink::Archive(a) => a.accepts(f),
         }
     }
 
@@ -82,6 +95,7 @@ impl Sink {
                     follow_ups: Vec::new(),
                 })
             }
+            Sink::Archive(a) => a.deliver(batch).await,
         }
     }
 }

@@ -4,22 +4,25 @@
 //!
 //! `message` is the byte format (pure), `kms` wraps and unwraps data keys, `segment` is
 //! what a segment says about itself (encryption context, name, chain hash), `store` is
-//! where segments live (folder or S3), `writer` has the `Archiver` the daemon feeds, and
-//! `reader` lists, prints, decrypts and verifies.
+//! where segments live (folder or S3), `writer` has the `Archiver` (buffering for `archive
+//! write`, exact one-segment sealing for the daemon), `sink` is the daemon's
+//! `[[sinks.archive]]` over the outbox, and `reader` lists, prints, decrypts and verifies.
 
 pub mod commands;
 pub mod kms;
 pub mod message;
 pub mod reader;
 pub mod segment;
+pub mod sink;
 pub mod store;
 pub mod writer;
 
 pub use kms::Keyring;
 pub use reader::{AlertFilter, VerifyReport};
 pub use segment::SegmentInfo;
+pub use sink::{ArchiveSink, ArchiveSinkStats};
 pub use store::{Location, Store};
-pub use writer::{Archiver, ArchiverConfig, ArchiverStats, Sealed};
+pub use writer::{Archiver, ArchiverConfig, ArchiverStats, Sealed, SealedSegment};
 
 /// Why an archive operation failed. Each variant names the segment, file or key, and the
 /// message says what to do.

@@ -237,6 +237,22 @@ impl Store {
         }
     }
 
+    /// Writes a segment unless this destination already holds exactly these bytes (a
+    /// retry after a partial or interrupted write); a different object of that name is an
+    /// error, never replaced.
+    pub async fn put_or_same(&self, rel: &str, bytes: &[u8]) -> Result<(), ArchiveError> {
+        if let Ok(existing) = self.get(rel).await {
+            if existing == bytes {
+                return Ok(());
+            }
+            return Err(ArchiveError::Store {
+                location: self.display_name(rel),
+                message: "a different segment of that name exists already; is another writer using this host name?".into(),
+            });
+        }
+        self.put(rel, bytes).await
+    }
+
     /// Writes a new segment; an existing one of that name is an error, never replaced.
     pub async fn put(&self, rel: &str, bytes: &[u8]) -> Result<(), ArchiveError> {
         match &self.location {

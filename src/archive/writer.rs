@@ -59,6 +59,72 @@ pub struct ArchiverStats {
     pub ciphertext_bytes: u64,
 }
 
+/// How many of the newest segments `open` copies to a destination that lacks them.
+pub const CATCH_UP_SEGMENTS: u64 = 16;
+
+/// A segment sealed by [`Archiver::seal_exact`] and not yet known to be written: its
+/// caller keeps it (encrypted) until [`Archiver::write_sealed`] succeeds.
+#[derive(Clone)]
+pub struct SealedSegment {
+    pub name: String,
+    pub info: SegmentInfo,
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealedSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedSegment")
+            .field("name", &self.name)
+            .field("info", &self.info)
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl SealedSegment {
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// JSON Lines of one segment in the making, and what its context will say about them.
+#[derive(Default)]
+struct Plain {
+    buf: Vec<u8>,
+    count: u64,
+    first: Option<String>,
+    last: Option<String>,
+}
+
+impl Plain {
+    fn push(&mut self, alert: &Value) {
+        let Ok(line) = serde_json::to_vec(alert) else {
+            return; // a serde_json::Value always serializes
+        };
+        // Only a plausible RFC 3339 time goes into the encryption context (which is
+        // capped at 64 KiB); anything else is dated now.
+        let time = alert
+            .get("time")
+            .and_then(Value::as_str)
+            .filter(|t| plausible_time(t))
+            .map(str::to_string)
+            .unwrap_or_else(now_rfc3339);
+        if self.first.as_ref().is_none_or(|f| time < *f) {
+            self.first = Some(time.clone());
+        }
+        if self.last.as_ref().is_none_or(|l| time > *l) {
+            self.last = Some(time);
+        }
+        self.buf.extend_from_slice(&line);
+        self.buf.push(b'\n');
+        self.count += 1;
+    }
+}
+
 struct Pending {
     name: String,
     bytes: Vec<u8>,
@@ -70,10 +136,7 @@ pub struct Archiver {
     cfg: ArchiverConfig,
     keyring: Arc<Keyring>,
     stores: Vec<Store>,
-    buf: Vec<u8>,
-    count: u64,
-    first: Option<String>,
-    last: Option<String>,
+    open_segment: Plain,
     opened: Option<Instant>,
     next_seq: u64,
     prev: String,
@@ -99,25 +162,34 @@ impl Archiver {
                 "frame length and segment size must be above zero".into(),
             ));
         }
-        let mut next_seq = 1;
-        let mut prev = GENESIS.to_string();
+        // Each destination's segments of this host, in chain order.
+        let mut chains = Vec::with_capacity(stores.len());
         for store in &stores {
             if let super::store::Location::Dir(d) = &store.location {
                 if !d.exists() {
-                    continue; // a new archive: made on the first write
+                    chains.push(Vec::new()); // a new archive: made on the first write
+                    continue;
                 }
             }
-            let tail = store
+            let mut mine: Vec<(u64, String)> = store
                 .list()
                 .await?
                 .into_iter()
                 .filter_map(|n| parse_object_name(&n).map(|(h, s)| (h, s, n)))
                 .filter(|(h, _, _)| *h == cfg.host)
-                .max_by_key(|(_, s, _)| *s);
-            let Some((_, seq, name)) = tail else { continue };
-            if seq < next_seq {
-                continue;
-            }
+                .map(|(_, s, n)| (s, n))
+                .collect();
+            mine.sort();
+            chains.push(mine);
+        }
+        let head_of = |c: &Vec<(u64, String)>| c.last().map_or(0, |(s, _)| *s);
+        let Some(lead) = (0..stores.len()).max_by_key(|&i| head_of(&chains[i])) else {
+            return Err(ArchiveError::Config("no archive destination".into()));
+        };
+        let mut next_seq = 1;
+        let mut prev = GENESIS.to_string();
+        if let Some((seq, name)) = chains[lead].last().cloned() {
+            let store = &stores[lead];
             let bytes = store.get(&name).await?;
             let header = message::parse_header(&bytes).map_err(|e| ArchiveError::Format {
                 segment: store.display_name(&name),
@@ -139,15 +211,26 @@ impl Archiver {
             }
             next_seq = seq + 1;
             prev = sha256_hex(&bytes);
+            // A writer stopped between two destinations leaves one behind: bring a
+            // destination up to date when it lacks a few of the newest segments (so its
+            // chain has no gap). One that lacks more joined later, and starts mid-chain.
+            for (i, chain) in chains.iter().enumerate() {
+                let behind = seq - head_of(chain);
+                if i == lead || behind == 0 || behind > CATCH_UP_SEGMENTS {
+                    continue;
+                }
+                for (s, n) in chains[lead].iter().filter(|(s, _)| *s > head_of(chain)) {
+                    let b = stores[lead].get(n).await?;
+                    stores[i].put_or_same(n, &b).await?;
+                    tracing::info!(segment = *s, to = %stores[i].display_name(n), "archive: copied a segment this destination lacked");
+                }
+            }
         }
         Ok(Archiver {
             cfg,
             keyring,
             stores,
-            buf: Vec::new(),
-            count: 0,
-            first: None,
-            last: None,
+            open_segment: Plain::default(),
             opened: None,
             next_seq,
             prev,
@@ -184,30 +267,11 @@ impl Archiver {
             }
         }
         for alert in alerts {
-            let Ok(line) = serde_json::to_vec(alert) else {
-                continue; // a serde_json::Value always serializes
-            };
-            // Only a plausible RFC 3339 time goes into the encryption context (which is
-            // capped at 64 KiB); anything else is dated now.
-            let time = alert
-                .get("time")
-                .and_then(Value::as_str)
-                .filter(|t| plausible_time(t))
-                .map(str::to_string)
-                .unwrap_or_else(now_rfc3339);
-            if self.first.as_ref().is_none_or(|f| time < *f) {
-                self.first = Some(time.clone());
-            }
-            if self.last.as_ref().is_none_or(|l| time > *l) {
-                self.last = Some(time);
-            }
             if self.opened.is_none() {
                 self.opened = Some(Instant::now());
             }
-            self.buf.extend_from_slice(&line);
-            self.buf.push(b'\n');
-            self.count += 1;
-            if self.buf.len() >= self.cfg.max_segment_bytes && first_err.is_none() {
+            self.open_segment.push(alert);
+            if self.open_segment.buf.len() >= self.cfg.max_segment_bytes && first_err.is_none() {
                 match self.seal_and_write().await {
                     Ok(s) => sealed.extend(s),
                     Err(e) => first_err = Some(e),
@@ -233,7 +297,7 @@ impl Archiver {
 
     async fn seal_and_write(&mut self) -> Result<Vec<Sealed>, ArchiveError> {
         let mut out = Vec::new();
-        if self.count > 0 {
+        if self.open_segment.count > 0 {
             out.push(self.seal().await?);
         }
         self.write_pending().await?;
@@ -241,13 +305,74 @@ impl Archiver {
     }
 
     async fn seal(&mut self) -> Result<Sealed, ArchiveError> {
+        let plain = std::mem::take(&mut self.open_segment);
+        let segment = match self.encrypt(&plain).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.open_segment = plain; // the alerts wait for the next try
+                return Err(e);
+            }
+        };
+        self.opened = None;
+        let sealed = Sealed {
+            name: segment.name.clone(),
+            info: segment.info,
+            bytes: segment.bytes.len(),
+        };
+        self.pending.push(Pending {
+            name: segment.name,
+            bytes: segment.bytes,
+            stores: (0..self.stores.len()).collect(),
+        });
+        Ok(sealed)
+    }
+
+    /// Seals exactly `alerts` into one segment (one `GenerateDataKey`) that continues the
+    /// chain, without writing it and without buffering: the caller keeps the alerts (the
+    /// daemon: in its outbox) until [`Archiver::write_sealed`] succeeded, and must write
+    /// this segment before it seals the next. Not to be mixed with `append`.
+    pub async fn seal_exact(&mut self, alerts: &[Value]) -> Result<SealedSegment, ArchiveError> {
+        if self.open_segment.count > 0 || !self.pending.is_empty() {
+            return Err(ArchiveError::Config(
+                "seal_exact on an archiver with buffered alerts: use append/flush or seal_exact, not both".into(),
+            ));
+        }
+        if alerts.is_empty() {
+            return Err(ArchiveError::Config(
+                "an archive segment needs at least one alert".into(),
+            ));
+        }
+        let mut plain = Plain::default();
+        for a in alerts {
+            plain.push(a);
+        }
+        self.encrypt(&plain).await
+    }
+
+    /// Writes a segment from [`Archiver::seal_exact`] to every destination, skipping
+    /// those that already hold it (so retrying after a partial failure is safe).
+    pub async fn write_sealed(&self, segment: &SealedSegment) -> Result<(), ArchiveError> {
+        let mut first_err = None;
+        for store in &self.stores {
+            if let Err(e) = store.put_or_same(&segment.name, &segment.bytes).await {
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Encrypts `plain` as the next segment of the chain and advances the chain.
+    async fn encrypt(&mut self, plain: &Plain) -> Result<SealedSegment, ArchiveError> {
         let info = SegmentInfo {
             host: self.cfg.host.clone(),
             seq: self.next_seq,
             prev_sha256: self.prev.clone(),
-            first_alert: self.first.clone().unwrap_or_default(),
-            last_alert: self.last.clone().unwrap_or_default(),
-            alerts: self.count,
+            first_alert: plain.first.clone().unwrap_or_default(),
+            last_alert: plain.last.clone().unwrap_or_default(),
+            alerts: plain.count,
         };
         let ctx = info.context();
         let name = info.object_name();
@@ -262,35 +387,20 @@ impl Archiver {
             &ctx,
             &[edk],
             self.cfg.frame_len,
-            &self.buf,
+            &plain.buf,
         )
         .map_err(|e| ArchiveError::Format {
             segment: name.clone(),
             source: e,
         })?;
         drop(data_key);
-        self.stats.alerts += self.count;
+        self.stats.alerts += plain.count;
         self.stats.segments += 1;
-        self.stats.plaintext_bytes += self.buf.len() as u64;
+        self.stats.plaintext_bytes += plain.buf.len() as u64;
         self.stats.ciphertext_bytes += bytes.len() as u64;
         self.prev = sha256_hex(&bytes);
         self.next_seq += 1;
-        self.buf.clear();
-        self.count = 0;
-        self.first = None;
-        self.last = None;
-        self.opened = None;
-        let sealed = Sealed {
-            name: name.clone(),
-            info,
-            bytes: bytes.len(),
-        };
-        self.pending.push(Pending {
-            name,
-            bytes,
-            stores: (0..self.stores.len()).collect(),
-        });
-        Ok(sealed)
+        Ok(SealedSegment { name, info, bytes })
     }
 
     async fn write_pending(&mut self) -> Result<(), ArchiveError> {
@@ -318,7 +428,7 @@ impl Archiver {
 
     /// Alerts buffered for the open segment (not yet encrypted).
     pub fn buffered(&self) -> u64 {
-        self.count
+        self.open_segment.count
     }
 
     /// Segments sealed but not yet written everywhere.
@@ -370,6 +480,14 @@ mod tests {
     fn archiver_flush_is_send(a: &mut super::Archiver) {
         fn send<T: Send>(_: T) {}
         send(a.flush());
+    }
+
+    #[allow(dead_code)]
+    fn seal_exact_and_write_sealed_are_send(a: &mut super::Archiver, s: &super::SealedSegment) {
+        fn send<T: Send>(_: T) {}
+        send(a.seal_exact(&[]));
+        let a: &super::Archiver = a;
+        send(a.write_sealed(s));
     }
 
     #[test]

@@ -46,7 +46,7 @@ fn temp() -> PathBuf {
         .keep()
 }
 
-async fn create_key(moto: &Moto, multi_region: bool) -> String {
+pub async fn create_key(moto: &Moto, multi_region: bool) -> String {
     let kms = kmsguard::aws::kms_client(&moto.sdk(REGION).await, None);
     let k = kms
         .create_key()
@@ -57,7 +57,7 @@ async fn create_key(moto: &Moto, multi_region: bool) -> String {
     k.key_metadata().unwrap().arn().unwrap().to_string()
 }
 
-async fn create_bucket(moto: &Moto, bucket: &str) {
+pub async fn create_bucket(moto: &Moto, bucket: &str) {
     let s3 = kmsguard::aws::s3_client(
         &moto.sdk(REGION).await,
         &kmsguard::aws::AwsSettings {
@@ -90,7 +90,7 @@ fn write(moto: &Moto, key: &str, dest: &[&str], extra: &[&str], jsonl: &str) -> 
 }
 
 /// Segment files under `dir`, in chain order.
-fn segments(dir: &Path) -> Vec<PathBuf> {
+pub fn segments(dir: &Path) -> Vec<PathBuf> {
     fn walk(d: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(d).unwrap() {
             let p = e.unwrap().path();
@@ -108,7 +108,7 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The real aws-encryption-cli, talking to moto only.
-fn esdk_cli(moto: &Moto, region: &str) -> Command {
+pub fn esdk_cli(moto: &Moto, region: &str) -> Command {
     let venv_bin = python().parent().map(Path::to_path_buf).unwrap_or_default();
     let exe = venv_bin.join("aws-encryption-cli");
     let mut c = Command::new(if exe.exists() {

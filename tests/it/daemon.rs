@@ -234,7 +234,7 @@ pub fn sink(dir: &Path) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn sigterm(child: &Child) {
+pub fn sigterm(child: &Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -243,7 +243,7 @@ fn sigterm(child: &Child) {
 use std::process::Command;
 
 /// Waits for the child to exit; returns its exit code and how long it took.
-fn wait_exit(child: &mut Child, timeout: Duration) -> (Option<i32>, Duration) {
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> (Option<i32>, Duration) {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -346,7 +346,7 @@ async fn daemon_finds_every_incident_through_s3_and_sqs() {
 }
 
 /// A gzipped CloudTrail file with one successful DisableKey event.
-fn disable_key_file(event_id: &str) -> Vec<u8> {
+pub fn disable_key_file(event_id: &str) -> Vec<u8> {
     let doc = serde_json::json!({"Records": [{
         "eventVersion": "1.09", "eventSource": "kms.amazonaws.com", "eventName": "DisableKey",
         "eventTime": "2026-10-01T12:00:00Z", "awsRegion": "us-east-1", "eventID": event_id,
