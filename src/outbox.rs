@@ -20,16 +20,39 @@ pub enum DeliveryError {
     Permanent(String),
 }
 
+/// What a sink did with a batch.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// How many findings from the start of the batch it accepted (they leave the
+    /// outbox). Fewer than the batch, even 0, is allowed: a sink that collects findings
+    /// into larger units (an archive segment, a digest) takes them when it is ready.
+    pub accepted: usize,
+    /// Findings to enqueue for the other sinks (e.g. what a remediation did).
+    pub follow_ups: Vec<Finding>,
+}
+
 /// A consumer of the outbox. A closed set: add a variant to add a kind of sink.
 pub enum Sink {
     /// Appends JSON Lines to a file and fsyncs.
     File(FileSinkConfig),
+    /// Seals findings into envelope-encrypted archive segments (docs/archive.md); takes
+    /// them only once a whole segment is written.
+    Archive(Box<crate::archive::ArchiveSink>),
 }
 
 impl Sink {
     pub fn name(&self) -> String {
         match self {
             Sink::File(f) => format!("file:{}", f.path.display()),
+            Sink::Archive(a) => a.name(),
+        }
+    }
+
+    /// The most entries one `deliver` call is given.
+    pub fn batch_limit(&self) -> usize {
+        match self {
+            Sink::Archive(a) => a.batch_limit(),
+            _ => 500,
         }
     }
 
@@ -38,11 +61,13 @@ impl Sink {
     pub fn accepts(&self, f: &Finding) -> bool {
         match self {
             Sink::File(c) => f.severity >= c.min_severity,
+            Sink::Archive(a) => a.accepts(f),
         }
     }
 
-    /// Delivers a batch (all or nothing); returns follow-up findings to enqueue.
-    pub async fn deliver(&self, batch: &[Finding]) -> Result<Vec<Finding>, DeliveryError> {
+    /// Delivers (a prefix of) a batch, oldest first. The batch is every pending entry of
+    /// this sink up to a limit, so a sink sees what it left last time again.
+    pub async fn deliver(&self, batch: &[Finding]) -> Result<Delivery, DeliveryError> {
         match self {
             Sink::File(c) => {
                 let path = c.path.clone();
@@ -65,8 +90,12 @@ impl Sink {
                 .map_err(|e| {
                     DeliveryError::Transient(format!("file sink {}: {e}", c.path.display()))
                 })?;
-                Ok(Vec::new())
+                Ok(Delivery {
+                    accepted: batch.len(),
+                    follow_ups: Vec::new(),
+                })
             }
+            Sink::Archive(a) => a.deliver(batch).await,
         }
     }
 }
