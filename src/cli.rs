@@ -48,6 +48,22 @@ pub enum Command {
     /// Show, export or forget what kmsguard believes is normal per principal.
     #[command(subcommand)]
     Baseline(BaselineCommand),
+    /// Show what automatic remediation would do for one finding of the daemon (read-only:
+    /// only state reads are sent to KMS).
+    #[command(
+        after_help = "Examples:\n  kmsguard remediate --dry-run 3f2a9c0e1b7d4e5f8a6b0c1d2e3f4a5b --config /etc/kmsguard/kmsguard.toml\n\nThe finding is looked up by id in the config's [[sinks.file]] JSON Lines files. The plan is\nprinted as one `kind: \"remediation\"` finding (JSON). See docs/remediation.md.\nExit codes: 0 plan shown; 2 bad config, finding not found, or no --dry-run."
+    )]
+    Remediate {
+        /// Show the plan only (required: enforcement runs in the daemon, with its rate
+        /// limit and circuit breaker).
+        #[arg(long)]
+        dry_run: bool,
+        /// The finding's `id`.
+        #[arg(value_name = "FINDING_ID")]
+        finding_id: String,
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Measure raw decompression speed of log files (used by scripts/bench).
     #[command(after_help = "Examples:\n  kmsguard bench-inflate /var/tmp/kmsguard-bench/AWSLogs")]
     BenchInflate {
@@ -131,6 +147,11 @@ pub struct ReplayArgs {
     /// last showed each key, for `kmsguard posture --state` (a second read of the files).
     #[arg(long)]
     pub enrich: bool,
+    /// Run automatic remediation ([remediation] of --config, in its mode) on findings of
+    /// events newer than its max_event_age_secs; the remediation findings are output
+    /// with the others. Without this flag replay never calls anything that changes state.
+    #[arg(long, requires = "config")]
+    pub remediate: bool,
     /// Largest decompressed size of one file, in bytes.
     #[arg(long, default_value_t = 4 << 30, value_name = "BYTES")]
     pub max_file_bytes: u64,

@@ -113,6 +113,8 @@ pub fn health(rule: &str, severity: Severity, subject: &str, summary: String) ->
         remediation: None,
         key_alias: None,
         key_tags: Default::default(),
+        context: Default::default(),
+        action: None,
     }
 }
 
@@ -159,7 +161,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .store(store.outbox_len() as i64, Ordering::Relaxed);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(cfg.files_in_flight * 2);
-    let sinks: Arc<Vec<Sink>> = Arc::new(cfg.file_sinks.iter().cloned().map(Sink::File).collect());
+    let mut sink_list: Vec<Sink> = cfg.file_sinks.iter().cloned().map(Sink::File).collect();
+    if let Some(r) = &cfg.remediation {
+        let engine = crate::remediate::Engine::new(r.clone(), sdk.clone(), Some(store.clone()));
+        sink_list.push(Sink::Remediate(Arc::new(engine)));
+    }
+    let sinks: Arc<Vec<Sink>> = Arc::new(sink_list);
     let shared = Arc::new(Shared {
         rules: RwLock::new(Arc::new(rules)),
         store: store.clone(),

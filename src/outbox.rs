@@ -8,6 +8,7 @@ use crate::analyze::finding::Finding;
 use crate::config::FileSinkConfig;
 use crate::store::{Commit, Store, StoreError};
 use std::io::Write;
+use std::sync::Arc;
 
 /// Why a delivery failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -24,12 +25,16 @@ pub enum DeliveryError {
 pub enum Sink {
     /// Appends JSON Lines to a file and fsyncs.
     File(FileSinkConfig),
+    /// Runs automatic remediation (`src/remediate.rs`) on findings whose rule has a
+    /// remediation hint; answers with the `kind: "remediation"` findings as follow-ups.
+    Remediate(Arc<crate::remediate::Engine>),
 }
 
 impl Sink {
     pub fn name(&self) -> String {
         match self {
             Sink::File(f) => format!("file:{}", f.path.display()),
+            Sink::Remediate(_) => "remediate".into(),
         }
     }
 
@@ -38,6 +43,7 @@ impl Sink {
     pub fn accepts(&self, f: &Finding) -> bool {
         match self {
             Sink::File(c) => f.severity >= c.min_severity,
+            Sink::Remediate(e) => e.accepts(f),
         }
     }
 
@@ -66,6 +72,15 @@ impl Sink {
                     DeliveryError::Transient(format!("file sink {}: {e}", c.path.display()))
                 })?;
                 Ok(Vec::new())
+            }
+            // Never an error: a failed remediation is reported as a finding, and
+            // retrying the batch would act twice (the engine reads state first anyway).
+            Sink::Remediate(engine) => {
+                let mut out = Vec::new();
+                for f in batch {
+                    out.extend(engine.handle(f).await);
+                }
+                Ok(out)
             }
         }
     }

@@ -744,6 +744,8 @@ impl Detector {
                     remediation: None,
                     key_alias: None,
                     key_tags: Default::default(),
+                    context: Default::default(),
+                    action: None,
                 });
             }
         }
@@ -803,6 +805,8 @@ impl Detector {
             remediation: None,
             key_alias: None,
             key_tags: Default::default(),
+            context: Default::default(),
+            action: None,
         }
     }
 }

@@ -234,7 +234,7 @@ pub fn sink(dir: &Path) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn sigterm(child: &Child) {
+pub fn sigterm(child: &Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -243,7 +243,7 @@ fn sigterm(child: &Child) {
 use std::process::Command;
 
 /// Waits for the child to exit; returns its exit code and how long it took.
-fn wait_exit(child: &mut Child, timeout: Duration) -> (Option<i32>, Duration) {
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> (Option<i32>, Duration) {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -5,6 +5,7 @@ mod baselines;
 mod daemon;
 mod moto_smoke;
 mod posture;
+mod remediate;
 mod replay;
 mod rules_cli;
 mod support;
