@@ -712,4 +712,41 @@ async fn remediation_in_replay_needs_the_flag_and_skips_old_events() {
         "{}",
         stderr(&o)
     );
+
+    // Through a role per account (STS AssumeRole): a role of another account sees other
+    // keys, so the key is not found there and the failure is reported, not hidden.
+    kms.disable_key().key_id(&recent).send().await.unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\nretries = 1\nretry_base_ms = 10\n\n[remediation.roles]\n\"{ACCOUNT}\" = \"arn:aws:iam::999999999999:role/kmsguard-remediate\"\n"),
+    )
+    .unwrap();
+    let o = run(bin()
+        .args([
+            "replay",
+            "--format",
+            "jsonl",
+            "--no-baselines",
+            "--remediate",
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg(&dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let findings = jsonl(&stdout(&o));
+    let rem = remediations(&findings);
+    assert_eq!(rem.len(), 1, "{rem:#?}");
+    let a = &rem[0]["action"];
+    assert_eq!(a["outcome"], "failed", "{a}");
+    assert_eq!(
+        a["before"]["via_role"],
+        "arn:aws:iam::999999999999:role/kmsguard-remediate"
+    );
+    assert_eq!(a["reads"][0]["attempts"], 2, "{a}");
+    assert_eq!(
+        state(&kms, &recent).await,
+        "Disabled",
+        "nothing changed through the wrong role"
+    );
 }
