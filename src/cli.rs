@@ -120,7 +120,8 @@ pub struct ReplayArgs {
     /// Rules only: no baselines, no anomaly findings.
     #[arg(long, conflicts_with_all = ["state", "learn_only"])]
     pub no_baselines: bool,
-    /// Configuration file; replay uses its [baseline] section (detector settings).
+    /// Configuration file; replay uses its [baseline] section (detector settings), and
+    /// with --remediate its [remediation] and [aws] sections.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Write findings to FILE instead of stdout.

@@ -750,3 +750,109 @@ async fn remediation_in_replay_needs_the_flag_and_skips_old_events() {
         "nothing changed through the wrong role"
     );
 }
+
+const GOOD_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"root","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"kms:*","Resource":"*"},{"Sid":"app","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:role/app"},"Action":"kms:Decrypt","Resource":"*"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_uses_the_inventory_snapshot_of_policy_and_state() {
+    let trail = Trail::new().await;
+    let kms = kms(&trail).await;
+    let work = tempfile::tempdir().unwrap();
+    let (pol, pol_arn) = key(&kms, false).await;
+    kms.put_key_policy()
+        .key_id(&pol)
+        .policy_name("default")
+        .policy(GOOD_POLICY)
+        .send()
+        .await
+        .unwrap();
+    let (was_disabled, was_disabled_arn) = key(&kms, false).await;
+    kms.disable_key()
+        .key_id(&was_disabled)
+        .send()
+        .await
+        .unwrap();
+    // The key inventory, read into the daemon's state directory before it starts.
+    let state_dir = work.path().join("state");
+    let o = run(bin()
+        .args([
+            "posture",
+            "--format",
+            "jsonl",
+            "--region",
+            "us-east-1",
+            "--state",
+        ])
+        .arg(&state_dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // Then the bad changes: the policy opened to anyone, the disabled key scheduled for
+    // deletion.
+    kms.put_key_policy()
+        .key_id(&pol)
+        .policy_name("default")
+        .policy(PUBLIC_POLICY)
+        .send()
+        .await
+        .unwrap();
+    kms.schedule_key_deletion()
+        .key_id(&was_disabled)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    let cfg = trail.config(
+        work.path(),
+        &format!("\n[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\n"),
+    );
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+    let t = now_iso();
+    trail
+        .put(
+            object_key("snapshot"),
+            gz_file(&[
+                record("ev-snap-pol", &t, "PutKeyPolicy", &pol_arn,
+                    json!({"keyId": pol, "policyName": "default", "policy": PUBLIC_POLICY, "bypassPolicyLockoutSafetyCheck": false}), Value::Null),
+                record("ev-snap-del", &t, "ScheduleKeyDeletion", &was_disabled_arn,
+                    json!({"keyId": was_disabled, "pendingWindowInDays": 7}),
+                    json!({"keyId": was_disabled_arn, "deletionDate": iso_in_days(7), "keyState": "PendingDeletion", "pendingWindowInDays": 7})),
+            ]),
+        )
+        .await;
+    let p = wait_remediation(work.path(), "ev-snap-pol").await;
+    let d = wait_remediation(work.path(), "ev-snap-del").await;
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+
+    assert_eq!(p["action"]["outcome"], "performed", "{p}");
+    assert!(
+        p["action"]["before"]["restore_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("inventory snapshot"),
+        "{p}"
+    );
+    assert_eq!(p["action"]["after"]["policy_open"], "false", "{p}");
+    assert_eq!(
+        policy(&kms, &pol).await,
+        GOOD_POLICY,
+        "the observed policy is back"
+    );
+
+    assert_eq!(d["action"]["outcome"], "performed", "{d}");
+    assert_eq!(
+        d["action"]["before"]["state_before_event"], "Disabled",
+        "{d}"
+    );
+    assert_eq!(
+        d["action"]["calls"].as_array().unwrap().len(),
+        1,
+        "cancel only: {d}"
+    );
+    assert_eq!(
+        state(&kms, &was_disabled).await,
+        "Disabled",
+        "deletion cancelled; a key disabled before stays disabled"
+    );
+}
