@@ -252,4 +252,22 @@ pub(super) mod tests {
         assert_eq!(c.mode, Mode::DryRun, "dry-run is the default");
         assert!(cfg("mode = \"off\"\n").is_ok(), "off needs no scope");
     }
+
+    #[test]
+    fn the_daemon_config_reports_remediation_problems() {
+        let text = "[state]\ndir = \"/tmp/x\"\n[[sources.sqs]]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/111122223333/q\"\n[[sinks.file]]\npath = \"/tmp/f.jsonl\"\n[remediation]\nmode = \"enforce\"\n";
+        let e = crate::config::Config::parse(text, std::path::Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[remediation] accounts is empty"), "{e}");
+        let ok = text.replace("mode = \"enforce\"", "accounts = [\"111122223333\"]");
+        let c = crate::config::Config::parse(&ok, std::path::Path::new("k.toml")).unwrap();
+        assert_eq!(c.remediation.map(|r| r.mode), Some(Mode::DryRun));
+        let none = crate::config::Config::parse(
+            &text.replace("[remediation]\nmode = \"enforce\"\n", ""),
+            std::path::Path::new("k.toml"),
+        )
+        .unwrap();
+        assert!(none.remediation.is_none(), "no section, no remediation");
+    }
 }

@@ -420,9 +420,26 @@ async fn remediation_enforce_restores_every_key_and_leaves_out_of_scope_keys_alo
         "remediation: engine time, first read to last change answered: {}",
         events
             .iter()
-            .filter_map(|(id, _)| remediation_for(&findings, id)
-                .and_then(|f| f["action"]["elapsed_ms"].as_u64())
-                .map(|ms| format!("{id} {ms} ms")))
+            .filter_map(|(id, _)| remediation_for(&findings, id).and_then(|f| {
+                let a = &f["action"];
+                let all: Vec<&Value> = a["reads"]
+                    .as_array()?
+                    .iter()
+                    .chain(a["calls"].as_array()?.iter())
+                    .collect();
+                let attempts: u64 = all.iter().filter_map(|c| c["attempts"].as_u64()).sum();
+                let errors: Vec<&str> = all.iter().filter_map(|c| c["error"].as_str()).collect();
+                Some(format!(
+                    "{id} {} ms ({} calls, {attempts} attempts{})",
+                    a["elapsed_ms"].as_u64()?,
+                    all.len(),
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", errors: {errors:?}")
+                    }
+                ))
+            }))
             .collect::<Vec<_>>()
             .join(", ")
     );
