@@ -213,7 +213,13 @@ pub struct Engine {
     clients: tokio::sync::Mutex<HashMap<(String, String), aws_sdk_kms::Client>>,
     limiter: Mutex<RateLimiter>,
     breaker: Mutex<Breaker>,
+    /// The store tree `remediation` (`rate/<account>` -> JSON list of action times), so
+    /// the hourly limit holds across restarts; None without a store.
+    rate_tree: Option<sled::Tree>,
 }
+
+/// The store tree that keeps the rate limiter's action times.
+pub const TREE: &str = "remediation";
 
 /// What the reads say about a key.
 type State = BTreeMap<String, String>;
@@ -226,14 +232,41 @@ impl Engine {
     /// An engine; `store` gives the key inventory's cached records (known-good policy,
     /// rotation period, state before a deletion was scheduled).
     pub fn new(cfg: RemediationConfig, sdk: SdkConfig, store: Option<Store>) -> Engine {
+        let rate_tree = store.as_ref().and_then(|s| s.tree(TREE).ok());
+        // Actions taken before a restart still count against the hour.
+        let mut limiter = RateLimiter::default();
+        if let Some(tree) = &rate_tree {
+            for (k, v) in tree.scan_prefix("rate/").flatten() {
+                let key = String::from_utf8_lossy(&k);
+                let account = key.trim_start_matches("rate/").to_string();
+                if let Ok(times) = serde_json::from_slice::<VecDeque<i64>>(&v) {
+                    limiter.taken.insert(account, times);
+                }
+            }
+        }
         Engine {
             cfg,
             inventory: store.map(|s| Inventory::new(s, None, Default::default())),
             sdk,
             clients: tokio::sync::Mutex::new(HashMap::new()),
-            limiter: Mutex::new(RateLimiter::default()),
+            limiter: Mutex::new(limiter),
             breaker: Mutex::new(Breaker::default()),
+            rate_tree,
         }
+    }
+
+    /// Takes a rate-limit slot for `account` (and records it in the store).
+    fn take_slot(&self, account: &str) -> bool {
+        let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        if !l.take(account, now_secs(), self.cfg.max_actions_per_hour) {
+            return false;
+        }
+        if let (Some(tree), Some(times)) = (&self.rate_tree, l.taken.get(account)) {
+            if let Err(e) = tree.insert(format!("rate/{account}"), crate::store::encode(times)) {
+                tracing::warn!(error = %e, account, "cannot record the remediation in the store; the rate limit holds until a restart");
+            }
+        }
+        true
     }
 
     pub fn config(&self) -> &RemediationConfig {
@@ -532,12 +565,7 @@ impl Engine {
                 "circuit breaker open after repeated failures (see the health finding)".into(),
             );
         }
-        let allowed = self.limiter.lock().unwrap_or_else(|e| e.into_inner()).take(
-            &p.account,
-            now_secs(),
-            self.cfg.max_actions_per_hour,
-        );
-        if !allowed {
+        if !self.take_slot(&p.account) {
             report.calls = calls;
             return skip(
                 report,

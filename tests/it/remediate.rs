@@ -485,6 +485,16 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
         json!({"keyId": del, "pendingWindowInDays": 7}),
         json!({"keyId": del_arn, "deletionDate": iso_in_days(7), "keyState": "PendingDeletion", "pendingWindowInDays": 7}),
     )];
+    // A key that is fine already: skipped, and it takes no rate-limit slot.
+    let (fine, fine_arn) = key(&kms, false).await;
+    records.push(record(
+        "ev-fine",
+        &t,
+        "DisableKey",
+        &fine_arn,
+        json!({"keyId": fine}),
+        Value::Null,
+    ));
     for (i, (id, arn)) in disabled.iter().enumerate() {
         records.push(record(
             &format!("ev-rl-{i}"),
@@ -496,7 +506,7 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
         ));
     }
     trail.put(object_key("batch"), gz_file(&records)).await;
-    for id in ["ev-dry-del", "ev-rl-0", "ev-rl-1", "ev-rl-2"] {
+    for id in ["ev-dry-del", "ev-fine", "ev-rl-0", "ev-rl-1", "ev-rl-2"] {
         wait_remediation(work.path(), id).await;
     }
 
@@ -525,6 +535,11 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
         "PendingDeletion",
         "dry-run changed nothing"
     );
+
+    let fine_rem = &remediation_for(&findings, "ev-fine").unwrap()["action"];
+    assert_eq!(fine_rem["outcome"], "skipped");
+    assert_eq!(fine_rem["reason"], "already fine: the key is enabled");
+    assert!(fine_rem["calls"].as_array().unwrap().is_empty());
 
     // Rate limit: 2 of the 3 disabled keys re-enabled, the third skipped and left.
     let mut enabled = 0;
@@ -649,6 +664,36 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
         "{}",
         stderr(&o)
     );
+
+    // The hour's budget survives a restart (kept in the state store).
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+    let (late, late_arn) = key(&kms, false).await;
+    kms.disable_key().key_id(&late).send().await.unwrap();
+    trail
+        .put(
+            object_key("after-restart"),
+            gz_file(&[record(
+                "ev-late",
+                &now_iso(),
+                "DisableKey",
+                &late_arn,
+                json!({"keyId": late}),
+                Value::Null,
+            )]),
+        )
+        .await;
+    let f = wait_remediation(work.path(), "ev-late").await;
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+    assert_eq!(f["action"]["outcome"], "skipped", "{f}");
+    assert!(
+        f["action"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate limit"),
+        "{f}"
+    );
+    assert_eq!(state(&kms, &late).await, "Disabled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
