@@ -8,7 +8,7 @@ use std::path::PathBuf;
     name = "kmsguard",
     version,
     about = "Watch AWS KMS through CloudTrail: rules, forensic replay and alerts",
-    after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format table --fail-on high /var/log/cloudtrail/AWSLogs\n  kmsguard rules list\n  kmsguard rules test my-rules.toml\n\nExit codes: 0 success; 1 a finding at or above --fail-on, or a rule test failed;\n2 bad arguments, rules or input paths."
+    after_help = "Examples:\n  kmsguard replay samples/\n  kmsguard replay --format table --fail-on high /var/log/cloudtrail/AWSLogs\n  kmsguard rules list\n  kmsguard rules test my-rules.toml\n  kmsguard alerts test oncall-mail --config alerts.toml\n  kmsguard archive verify s3://audit-bucket/archive\n\nExit codes: 0 success; 1 a finding at or above --fail-on, or a rule test failed;\n2 bad arguments, rules or input paths."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -64,6 +64,12 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Send alerts through the channels of a config file: a test alert, or findings.
+    #[command(subcommand)]
+    Alerts(AlertsCommand),
+    /// Write, list, print, decrypt and verify the encrypted, hash-chained alert archive.
+    #[command(subcommand)]
+    Archive(ArchiveCommand),
     /// Measure raw decompression speed of log files (used by scripts/bench).
     #[command(after_help = "Examples:\n  kmsguard bench-inflate /var/tmp/kmsguard-bench/AWSLogs")]
     BenchInflate {
@@ -244,6 +250,163 @@ pub enum RulesCommand {
         /// Rules file [default: the built-in rules].
         file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// Send a clearly marked test alert through one channel, to check the path end to end.
+    #[command(
+        after_help = "Examples:\n  kmsguard alerts test oncall-mail --config /etc/kmsguard/alerts.toml\n  kmsguard alerts test pagerduty --config alerts.toml --retry-for 1m\n\nPrints one JSON line with the outcome. Exit codes: 0 delivered; 1 not delivered\n(the error says whether it was transient or permanent); 2 bad config or channel name."
+    )]
+    Test {
+        /// The channel's `name` in the config file.
+        channel: String,
+        /// TOML file with [[sinks.email]] and [[sinks.webhook]] tables (docs/alerts.md).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Retry transient failures for this long, e.g. 30s, 5m [default: one attempt].
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        retry_for: String,
+    },
+    /// Route findings (JSON Lines) through grouping, digests and rate limits to every
+    /// channel, and deliver the alerts.
+    #[command(
+        after_help = "Examples:\n  kmsguard replay --format jsonl AWSLogs/ | kmsguard alerts send --config alerts.toml\n  kmsguard alerts send --config alerts.toml findings.jsonl\n\nPrints one JSON line per alert (channel, status, attempts, latency) on stdout and\na summary on stderr. At the end of input, groups still open are sent at once.\nExit codes: 0 every alert delivered; 1 some alert not delivered; 2 bad config or input file."
+    )]
+    Send {
+        /// TOML file with [[sinks.email]] and [[sinks.webhook]] tables (docs/alerts.md).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Findings as JSON Lines [default: standard input].
+        findings: Option<PathBuf>,
+        /// Rules file whose descriptions are shown in alerts [default: the built-in rules].
+        #[arg(long, value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// Retry transient failures of an alert for this long, e.g. 30s, 5m.
+        #[arg(long, value_name = "DURATION", default_value = "5m")]
+        retry_for: String,
+    },
+}
+
+/// Where and how to reach AWS for archive commands.
+#[derive(Debug, Args)]
+pub struct AwsArgs {
+    /// Default AWS region for S3 [default: AWS_REGION or the profile's]. KMS calls go to
+    /// the region in the key ARN.
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// Endpoint for every AWS service, e.g. a local emulator [default: AWS_ENDPOINT_URL].
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// Path-style S3 addressing (needed for local endpoints; on when an endpoint is set).
+    #[arg(long)]
+    pub s3_path_style: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArchiveCommand {
+    /// Archive alerts (JSON Lines, one object per line) from FILE or standard input.
+    #[command(
+        after_help = "Examples:\n  kmsguard archive write --key arn:aws:kms:us-east-1:111122223333:key/mrk-1234 --dir /var/lib/kmsguard/archive alerts.jsonl\n  kmsguard replay --format jsonl AWSLogs/ | kmsguard archive write --key alias/kmsguard-archive --s3 s3://audit-bucket/archive\n\nEach segment gets one fresh data key from KMS GenerateDataKey and continues the host's hash chain\nfound at the destination. Segments are AWS Encryption SDK messages: aws-encryption-cli --decrypt opens them."
+    )]
+    Write {
+        /// KMS key (ARN, key id or alias) that wraps each segment's data key.
+        #[arg(long, value_name = "KEY")]
+        key: String,
+        /// Local archive folder.
+        #[arg(long, value_name = "DIR", required_unless_present = "s3")]
+        dir: Option<PathBuf>,
+        /// S3 destination, s3://BUCKET/PREFIX.
+        #[arg(long, value_name = "S3URL")]
+        s3: Option<String>,
+        /// Host name in object names and in the chain [default: $KMSGUARD_HOST, $HOSTNAME].
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
+        /// Seal a segment when its plaintext reaches this size.
+        #[arg(long, default_value_t = 8 << 20, value_name = "BYTES")]
+        max_segment_bytes: usize,
+        /// Print a JSON summary (alerts, segments, KMS calls, alerts/s) on stderr.
+        #[arg(long)]
+        stats: bool,
+        /// JSON Lines of alerts [default: standard input].
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+    /// List segments with host, sequence number, alert times and counts (no KMS calls).
+    #[command(
+        after_help = "Examples:\n  kmsguard archive list /var/lib/kmsguard/archive\n  kmsguard archive list s3://audit-bucket/archive"
+    )]
+    List {
+        /// Archive folder or s3://BUCKET/PREFIX.
+        location: String,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+    /// Print archived alerts as JSON Lines, optionally filtered.
+    #[command(
+        after_help = "Examples:\n  kmsguard archive cat s3://audit-bucket/archive --since 2026-10-01T00:00:00Z --rule kms-key-deletion-scheduled\n  kmsguard archive cat /var/lib/kmsguard/archive --principal arn:aws:iam::111122223333:role/ci"
+    )]
+    Cat {
+        /// Archive folder or s3://BUCKET/PREFIX.
+        location: String,
+        #[command(flatten)]
+        read: ReadArgs,
+        /// Alerts at or after this time (RFC 3339, UTC, e.g. 2026-10-01T00:00:00Z).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Alerts at or before this time.
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        /// Only alerts of this rule id.
+        #[arg(long, value_name = "RULE")]
+        rule: Option<String>,
+        /// Only alerts of this principal (caller ARN or role ARN).
+        #[arg(long, value_name = "ARN")]
+        principal: Option<String>,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+    /// Check every segment (decrypt, commitment, authentication, context) and each host's
+    /// hash chain (no gaps, no repeats, each segment recording its predecessor's SHA-256).
+    #[command(
+        after_help = "Examples:\n  kmsguard archive verify s3://audit-bucket/archive\n  kmsguard archive verify --key arn:aws:kms:eu-west-1:111122223333:key/mrk-1234 /mnt/dr/archive\n\nExit codes: 0 every segment and chain checked out; 1 problems found (each named);\n2 the archive could not be read. Compare the printed head (last segment and SHA-256) with\na copy kept elsewhere: a chain cannot show that its own newest segments were removed."
+    )]
+    Verify {
+        /// Archive folder or s3://BUCKET/PREFIX.
+        location: String,
+        #[command(flatten)]
+        read: ReadArgs,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+    /// Decrypt every segment to files (JSON Lines), or one message file.
+    #[command(
+        after_help = "Examples:\n  kmsguard archive decrypt s3://audit-bucket/archive --out ./plain\n  kmsguard archive decrypt report.pdf.encrypted --out ./plain\n\nA single file may be any AWS Encryption SDK message with the committing, unsigned suite\n(aws-encryption-cli --algorithm AES_256_GCM_HKDF_SHA512_COMMIT_KEY)."
+    )]
+    Decrypt {
+        /// Archive folder, s3://BUCKET/PREFIX, or one encrypted file.
+        location: String,
+        /// Folder for the decrypted files (made if missing; files are never replaced).
+        #[arg(long, short, value_name = "DIR")]
+        out: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+}
+
+/// Options shared by commands that decrypt.
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    /// KMS key ARN to unwrap data keys with, e.g. a multi-Region replica in your region
+    /// [default: the key named in each segment].
+    #[arg(long, value_name = "ARN")]
+    pub key: Option<String>,
+    /// Only segments of this host.
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
 }
 
 /// Severity as a command-line value.

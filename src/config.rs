@@ -85,6 +85,8 @@ pub struct RawSqs {
 pub struct RawSinks {
     #[serde(default)]
     pub file: Vec<RawFileSink>,
+    #[serde(default)]
+    pub archive: Vec<RawArchiveSink>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +94,29 @@ pub struct RawSinks {
 pub struct RawFileSink {
     pub path: PathBuf,
     /// Lowest severity written (default: info, everything).
+    pub min_severity: Option<String>,
+}
+
+/// `[[sinks.archive]]`: the envelope-encrypted alert archive (docs/archive.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawArchiveSink {
+    /// KMS key that wraps each segment's data key: key ARN (multi-Region `mrk-` keys
+    /// too), key id or `alias/NAME`.
+    pub key: Option<String>,
+    /// Local archive folder (absolute).
+    pub dir: Option<PathBuf>,
+    /// `s3://BUCKET/PREFIX`.
+    pub s3: Option<String>,
+    /// This writer's name in object names and in the chain (default: the machine's).
+    pub host: Option<String>,
+    /// Roll a segment at this much JSON (default 8 MiB).
+    pub max_segment_bytes: Option<u64>,
+    /// Roll a segment at this many findings (default 10000).
+    pub max_segment_findings: Option<usize>,
+    /// Roll a segment once its oldest finding waited this long (default 300).
+    pub max_segment_age_secs: Option<u64>,
+    /// Lowest severity archived (default: info, everything).
     pub min_severity: Option<String>,
 }
 
@@ -140,6 +165,136 @@ pub struct FileSinkConfig {
     pub min_severity: crate::Severity,
 }
 
+/// A validated `[[sinks.archive]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchiveSinkConfig {
+    pub key: String,
+    /// Where segments go: a folder and/or an S3 prefix (at least one).
+    pub destinations: Vec<crate::archive::Location>,
+    /// Already checked to be usable in object names.
+    pub host: String,
+    pub max_segment_bytes: usize,
+    pub max_segment_findings: usize,
+    pub max_segment_age: std::time::Duration,
+    pub min_severity: crate::Severity,
+}
+
+/// Segment size limits of `[[sinks.archive]]`: a segment is held in memory while it is
+/// sealed and written.
+const ARCHIVE_BYTES: std::ops::RangeInclusive<u64> = 1024..=(256 << 20);
+const ARCHIVE_FINDINGS: std::ops::RangeInclusive<usize> = 1..=100_000;
+const ARCHIVE_AGE: std::ops::RangeInclusive<u64> = 1..=86_400;
+
+/// Whether `key` looks like something KMS takes as a key: a key or alias ARN, `alias/…`,
+/// a key id (UUID) or a multi-Region key id (`mrk-` and 32 hex digits).
+fn plausible_kms_key(key: &str) -> bool {
+    let hex_or_dash = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    let key_id = |id: &str| {
+        (id.len() == 36 && hex_or_dash(id))
+            || id
+                .strip_prefix("mrk-")
+                .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let alias = |a: &str| {
+        a.strip_prefix("alias/").is_some_and(|n| {
+            !n.is_empty()
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_-".contains(&b))
+        })
+    };
+    if let Some(rest) = key.strip_prefix("arn:") {
+        let parts: Vec<&str> = rest.splitn(5, ':').collect();
+        return parts.len() == 5
+            && parts[0].starts_with("aws")
+            && parts[1] == "kms"
+            && !parts[2].is_empty()
+            && parts[3].len() == 12
+            && parts[3].bytes().all(|b| b.is_ascii_digit())
+            && (parts[4].strip_prefix("key/").is_some_and(key_id) || alias(parts[4]));
+    }
+    key_id(key) || alias(key)
+}
+
+/// Validates one `[[sinks.archive]]` (number `n`, from 1), pushing problems.
+fn archive_sink(n: usize, a: &RawArchiveSink, problems: &mut Vec<String>) -> ArchiveSinkConfig {
+    let at = format!("[[sinks.archive]] #{n}");
+    let key = a.key.clone().unwrap_or_default();
+    if a.key.is_none() {
+        problems.push(format!("{at}: key is missing: set the KMS key that protects the archive, e.g. key = \"arn:aws:kms:us-east-1:111122223333:key/mrk-…\""));
+    } else if !plausible_kms_key(&key) {
+        problems.push(format!("{at}: key = \"{key}\" is not a KMS key: use its ARN (arn:aws:kms:REGION:ACCOUNT:key/ID, multi-Region mrk- keys too), its key id or alias/NAME"));
+    }
+    let mut destinations = Vec::new();
+    if let Some(d) = &a.dir {
+        if d.is_absolute() {
+            destinations.push(crate::archive::Location::Dir(d.clone()));
+        } else {
+            problems.push(format!("{at}: dir = \"{}\": use an absolute path (the daemon's working directory is not yours), e.g. \"/var/lib/kmsguard/archive\"", d.display()));
+        }
+    }
+    if let Some(s) = &a.s3 {
+        match crate::archive::Location::parse(s) {
+            Ok(l @ crate::archive::Location::S3 { .. }) => destinations.push(l),
+            _ => problems.push(format!(
+                "{at}: s3 = \"{s}\": write s3://BUCKET/PREFIX, e.g. \"s3://audit-bucket/kmsguard\""
+            )),
+        }
+    }
+    if a.dir.is_none() && a.s3.is_none() {
+        problems.push(format!("{at}: no destination: set dir = \"/var/lib/kmsguard/archive\" and/or s3 = \"s3://BUCKET/PREFIX\""));
+    }
+    let host = match &a.host {
+        None => crate::archive::segment::clean_host(&crate::archive::commands::default_host()),
+        Some(h) => {
+            if crate::archive::segment::clean_host(h) != *h || h.len() > 100 {
+                problems.push(format!("{at}: host = \"{h}\": use at most 100 letters, digits, '.', '-' and '_' (it names the chain and its objects)"));
+            }
+            h.clone()
+        }
+    };
+    let bytes = a.max_segment_bytes.unwrap_or(8 << 20);
+    if !ARCHIVE_BYTES.contains(&bytes) {
+        problems.push(format!(
+            "{at}: max_segment_bytes = {bytes}: use {} to {} (default 8388608)",
+            ARCHIVE_BYTES.start(),
+            ARCHIVE_BYTES.end()
+        ));
+    }
+    let findings = a.max_segment_findings.unwrap_or(10_000);
+    if !ARCHIVE_FINDINGS.contains(&findings) {
+        problems.push(format!(
+            "{at}: max_segment_findings = {findings}: use {} to {} (default 10000)",
+            ARCHIVE_FINDINGS.start(),
+            ARCHIVE_FINDINGS.end()
+        ));
+    }
+    let age = a.max_segment_age_secs.unwrap_or(300);
+    if !ARCHIVE_AGE.contains(&age) {
+        problems.push(format!(
+            "{at}: max_segment_age_secs = {age}: use {} to {} seconds (default 300)",
+            ARCHIVE_AGE.start(),
+            ARCHIVE_AGE.end()
+        ));
+    }
+    let min_severity = match a.min_severity.as_deref().map(str::parse::<crate::Severity>) {
+        None => crate::Severity::Info,
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            problems.push(format!("{at}: min_severity: {e}"));
+            crate::Severity::Info
+        }
+    };
+    ArchiveSinkConfig {
+        key,
+        destinations,
+        host,
+        max_segment_bytes: bytes as usize,
+        max_segment_findings: findings,
+        max_segment_age: std::time::Duration::from_secs(age),
+        min_severity,
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -150,6 +305,7 @@ pub struct Config {
     pub extra_rules: Vec<PathBuf>,
     pub sqs: Vec<SqsSourceConfig>,
     pub file_sinks: Vec<FileSinkConfig>,
+    pub archive_sinks: Vec<ArchiveSinkConfig>,
     pub metrics_listen: Option<SocketAddr>,
     pub baseline: BaselineConfig,
     pub files_in_flight: usize,
@@ -242,7 +398,23 @@ impl Config {
                 min_severity,
             });
         }
-        if file_sinks.is_empty() {
+        let mut archive_sinks: Vec<ArchiveSinkConfig> = Vec::new();
+        for (i, a) in raw.sinks.archive.iter().enumerate() {
+            let c = archive_sink(i + 1, a, &mut problems);
+            // Two writers of one chain would fork it.
+            if let Some(j) = archive_sinks.iter().position(|o| {
+                o.host == c.host && o.destinations.iter().any(|d| c.destinations.contains(d))
+            }) {
+                problems.push(format!(
+                    "[[sinks.archive]] #{}: writes to the same destination as #{} with the same host \"{}\": one chain needs one writer; give it another host or destination",
+                    i + 1,
+                    j + 1,
+                    c.host
+                ));
+            }
+            archive_sinks.push(c);
+        }
+        if file_sinks.is_empty() && archive_sinks.is_empty() {
             problems.push("no sink: add [[sinks.file]] path = \"/var/lib/kmsguard/findings.jsonl\" so findings go somewhere".into());
         }
         let metrics_listen = match raw.metrics.listen.as_deref() {
@@ -299,6 +471,7 @@ impl Config {
             extra_rules: raw.rules.extra.clone(),
             sqs,
             file_sinks,
+            archive_sinks,
             metrics_listen,
             baseline: raw.baseline.clone(),
             files_in_flight,
@@ -336,6 +509,69 @@ listen = "127.0.0.1:9464"
         assert_eq!(c.sqs[0].region.as_deref(), Some("us-east-1"));
         assert_eq!(c.metrics_listen.unwrap().port(), 9464);
         assert_eq!(c.on_permanent_error, OnPermanent::DeadLetter);
+    }
+
+    const BASE: &str = "[state]\ndir = \"/s\"\n[[sources.sqs]]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/1/q\"\n";
+
+    #[test]
+    fn archive_sink_defaults_and_destinations() {
+        let text = format!("{BASE}[[sinks.archive]]\nkey = \"arn:aws:kms:us-east-1:111122223333:key/mrk-0123456789abcdef0123456789abcdef\"\ndir = \"/var/lib/kmsguard/archive\"\ns3 = \"s3://audit/kmsguard\"\nhost = \"ip-10-0-0-1\"\n");
+        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
+        let a = &c.archive_sinks[0];
+        assert_eq!(a.destinations.len(), 2);
+        assert_eq!(a.host, "ip-10-0-0-1");
+        assert_eq!(a.max_segment_bytes, 8 << 20);
+        assert_eq!(a.max_segment_findings, 10_000);
+        assert_eq!(a.max_segment_age.as_secs(), 300);
+        assert_eq!(a.min_severity, crate::Severity::Info);
+        assert!(c.file_sinks.is_empty(), "an archive alone is a sink");
+        for key in [
+            "alias/kmsguard-archive",
+            "1234abcd-12ab-34cd-56ef-1234567890ab",
+            "arn:aws:kms:eu-west-1:111122223333:alias/a",
+            "arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        ] {
+            assert!(plausible_kms_key(key), "{key}");
+        }
+        for key in [
+            "",
+            "my-key",
+            "arn:aws:s3:::bucket",
+            "alias/",
+            "arn:aws:kms:us-east-1:1:key/x",
+        ] {
+            assert!(!plausible_kms_key(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn archive_sink_problems_name_the_key_and_the_fix() {
+        let text = format!("{BASE}[[sinks.archive]]\ns3 = \"audit/x\"\nhost = \"a b\"\nmax_segment_bytes = 10\nmax_segment_findings = 0\nmax_segment_age_secs = 0\nmin_severity = \"loud\"\n[[sinks.archive]]\nkey = \"my-key\"\ndir = \"relative\"\n[[sinks.archive]]\nkey = \"alias/a\"\n[[sinks.archive]]\nkey = \"alias/a\"\ndir = \"/a\"\nhost = \"h\"\n[[sinks.archive]]\nkey = \"alias/b\"\ndir = \"/a\"\nhost = \"h\"\n");
+        let e = Config::parse(&text, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "#1: key is missing: set the KMS key",
+            "#1: s3 = \"audit/x\": write s3://BUCKET/PREFIX",
+            "#1: host = \"a b\": use at most 100 letters",
+            "#1: max_segment_bytes = 10: use 1024 to",
+            "#1: max_segment_findings = 0: use 1 to 100000",
+            "#1: max_segment_age_secs = 0: use 1 to 86400 seconds",
+            "#1: min_severity: unknown severity `loud`",
+            "#2: key = \"my-key\" is not a KMS key: use its ARN",
+            "#2: dir = \"relative\": use an absolute path",
+            "#3: no destination: set dir",
+            "#5: writes to the same destination as #4 with the same host \"h\"",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+        let e = Config::parse(
+            &format!("{BASE}[[sinks.archive]]\nkey = \"alias/a\"\ndir = \"/a\"\nbucket = \"b\"\n"),
+            Path::new("k.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `bucket`"), "{e}");
     }
 
     #[test]

@@ -161,12 +161,27 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .store(store.outbox_len() as i64, Ordering::Relaxed);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(cfg.files_in_flight * 2);
-    let mut sink_list: Vec<Sink> = cfg.file_sinks.iter().cloned().map(Sink::File).collect();
-    if let Some(r) = &cfg.remediation {
-        let engine = crate::remediate::Engine::new(r.clone(), sdk.clone(), Some(store.clone()));
-        sink_list.push(Sink::Remediate(Arc::new(engine)));
-    }
-    let sinks: Arc<Vec<Sink>> = Arc::new(sink_list);
+    let sinks: Arc<Vec<Sink>> = Arc::new(
+        cfg.file_sinks
+            .iter()
+            .cloned()
+            .map(Sink::File)
+            .chain(cfg.archive_sinks.iter().map(|a| {
+                Sink::Archive(Box::new(crate::archive::ArchiveSink::new(
+                    a.clone(),
+                    &sdk,
+                    &cfg.aws,
+                )))
+            }))
+            .chain(cfg.remediation.iter().map(|r| {
+                Sink::Remediate(Arc::new(crate::remediate::Engine::new(
+                    r.clone(),
+                    sdk.clone(),
+                    Some(store.clone()),
+                )))
+            }))
+            .collect(),
+    );
     let shared = Arc::new(Shared {
         rules: RwLock::new(Arc::new(rules)),
         store: store.clone(),
@@ -898,7 +913,7 @@ async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Rec
         let notified = shared.outbox.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let batch = match outbox::pending(&shared.store, sink, 500) {
+        let batch = match outbox::pending(&shared.store, sink, shared.sinks[sink].batch_limit()) {
             Ok(b) => b,
             Err(e) => {
                 error!(sink = name, error = %e, "cannot read the outbox");
@@ -917,10 +932,34 @@ async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Rec
             }
             continue;
         }
-        let (keys, findings): (Vec<String>, Vec<Finding>) = batch.into_iter().unzip();
+        let (mut keys, findings): (Vec<String>, Vec<Finding>) = batch.into_iter().unzip();
         match shared.sinks[sink].deliver(&findings).await {
-            Ok(follow_ups) => {
+            Ok(outbox::Delivery {
+                accepted: 0,
+                follow_ups,
+            }) if follow_ups.is_empty() => {
+                // The sink waits for more (or for time to pass) before it takes these.
+                // At most four calls a second: each one reads the whole batch again.
                 backoff.reset();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+            Ok(outbox::Delivery {
+                accepted,
+                follow_ups,
+            }) => {
+                backoff.reset();
+                keys.truncate(accepted.min(keys.len()));
                 let n = keys.len();
                 if let Err(e) = outbox::delivered(&shared.store, &shared.sinks, keys, &follow_ups) {
                     error!(sink = name, error = %e, "delivered, but cannot record it: the batch may be delivered again");

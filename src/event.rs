@@ -10,7 +10,31 @@ use simd_json::{BorrowedValue as Value, StaticNode};
 #[derive(Clone, Copy)]
 pub struct Event<'v> {
     root: &'v Value<'v>,
+    /// The top-level fields every accessor needs, found in one pass over the record
+    /// (the parsed object is a small vector map: each lookup is a linear scan).
+    top: [Option<&'v Value<'v>>; TOP.len()],
+    /// Bit i set: `TOP[i]` occurs more than once in the record.
+    dups: u16,
 }
+
+/// Top-level fields cached by `Event::new`.
+const TOP: [&str; 15] = [
+    "eventSource",
+    "eventName",
+    "eventID",
+    "eventTime",
+    "awsRegion",
+    "errorCode",
+    "sourceIPAddress",
+    "userAgent",
+    "userIdentity",
+    "vpcEndpointId",
+    "recipientAccountId",
+    "resources",
+    "requestParameters",
+    "responseElements",
+    "readOnly",
+];
 
 /// The event sources kmsguard parses fully; everything else is skipped unparsed.
 pub const KMS_SOURCE: &str = "kms.amazonaws.com";
@@ -18,7 +42,38 @@ pub const CLOUDTRAIL_SOURCE: &str = "cloudtrail.amazonaws.com";
 
 impl<'v> Event<'v> {
     pub fn new(root: &'v Value<'v>) -> Self {
-        Event { root }
+        let mut top = [None; TOP.len()];
+        let mut dups = 0u16;
+        if let Value::Object(o) = root {
+            for (k, v) in o.iter() {
+                if let Some(i) = TOP.iter().position(|t| *t == k.as_ref()) {
+                    // With duplicate keys the first wins, as in `object_get`.
+                    if top[i].is_none() {
+                        top[i] = Some(v);
+                    } else {
+                        dups |= 1 << i;
+                    }
+                }
+            }
+        }
+        Event { root, top, dups }
+    }
+
+    /// Top-level fields kmsguard reads that occur more than once in the record (an
+    /// ambiguity other parsers resolve by keeping the last value).
+    pub fn duplicate_fields(&self) -> Vec<&'static str> {
+        (0..TOP.len())
+            .filter(|i| self.dups & (1 << i) != 0)
+            .map(|i| TOP[i])
+            .collect()
+    }
+
+    /// A top-level field, from the cache when it is one of `TOP`.
+    fn top_get(&self, key: &str) -> Option<&'v Value<'v>> {
+        match TOP.iter().position(|t| *t == key) {
+            Some(i) => self.top[i],
+            None => object_get(self.root, key),
+        }
     }
 
     pub fn root(&self) -> &'v Value<'v> {
@@ -27,8 +82,9 @@ impl<'v> Event<'v> {
 
     /// A top-level field or a nested one by its path segments (no array traversal).
     pub fn get(&self, path: &[&str]) -> Option<&'v Value<'v>> {
-        let mut v = self.root;
-        for seg in path {
+        let (first, rest) = path.split_first()?;
+        let mut v = self.top_get(first)?;
+        for seg in rest {
             v = object_get(v, seg)?;
         }
         Some(v)
@@ -42,7 +98,10 @@ impl<'v> Event<'v> {
     /// Calls `f` on every value at `path`, descending into arrays at any step (so
     /// `resources.ARN` visits the ARN of every resource); stops early when `f` is true.
     pub fn any_at(&self, path: &[String], f: &mut dyn FnMut(&Value<'v>) -> bool) -> bool {
-        any_at(self.root, path, f)
+        match path.split_first() {
+            None => any_at(self.root, path, f),
+            Some((first, rest)) => self.top_get(first).is_some_and(|v| any_at(v, rest, f)),
+        }
     }
 
     pub fn event_source(&self) -> Option<&'v str> {
@@ -191,18 +250,4 @@ fn any_at<'v>(v: &'v Value<'v>, path: &[String], f: &mut dyn FnMut(&Value<'v>) -
             },
         },
     }
-}
-
-/// The names of top-level keys that occur more than once in a record.
-pub fn duplicate_keys(v: &Value<'_>) -> Vec<String> {
-    let mut dups = Vec::new();
-    if let Value::Object(o) = v {
-        let keys: Vec<&str> = o.keys().map(|k| k.as_ref()).collect();
-        for (i, k) in keys.iter().enumerate() {
-            if keys[..i].contains(k) && !dups.iter().any(|d: &String| d == k) {
-                dups.push(k.to_string());
-            }
-        }
-    }
-    dups
 }

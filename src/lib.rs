@@ -2,12 +2,15 @@
 //!
 //! Data flows one way: `source` (where log files come from) -> `decode` (bytes to
 //! events, bounded and robust) -> `analyze` (rules and predicates to findings) ->
-//! `report` (how findings are shown). `pipeline` wires the stages for a replay.
+//! `report` (how findings are shown) and `act` (alert channels: routing, email,
+//! webhooks). `pipeline` wires the stages for a replay.
 //! `event` is the contract between decode and analyze. `daemon` runs the service, whose
 //! findings leave through `outbox` sinks, one of which is `remediate` (KMS API fixes).
 //! See ARCHITECTURE.md.
 
+pub mod act;
 pub mod analyze;
+pub mod archive;
 pub mod aws;
 pub mod config;
 pub mod daemon;

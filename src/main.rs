@@ -1,16 +1,19 @@
 //! The kmsguard binary: parses the command line, runs one mode of the library, and maps
-//! errors to exit codes (0 ok, 1 findings at/above --fail-on or failed rule tests,
-//! 2 bad arguments, rules or paths).
+//! errors to exit codes (0 ok, 1 findings at/above --fail-on, failed rule tests or
+//! problems found by `archive verify`, 2 bad arguments, rules, paths or unreadable input).
+//! `kmsguard alerts`: 0 delivered, 1 some alert not delivered, 2 bad config.
 
+mod alerts;
 mod cli;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use cli::{
-    BaselineCommand, Cli, Command, Format, LogFormat, PostureArgs, ReplayArgs, RulesCommand,
-    SummaryFormat,
+    AlertsCommand, ArchiveCommand, AwsArgs, BaselineCommand, Cli, Command, Format, LogFormat,
+    PostureArgs, ReplayArgs, RulesCommand, SummaryFormat,
 };
 use kmsguard::analyze::baseline::BaselineConfig;
+use kmsguard::archive::{commands as archive_cmd, AlertFilter, ArchiverConfig, Location};
 use kmsguard::decode::records::ScanLimits;
 use kmsguard::decode::DecodeLimits;
 use kmsguard::inventory::{self, Inventory, InventoryOptions};
@@ -28,6 +31,17 @@ fn main() -> ExitCode {
         Command::Posture(args) => posture_cmd(args),
         Command::Rules(RulesCommand::List { rules }) => rules_list(rules),
         Command::Rules(RulesCommand::Test { file }) => rules_test(file),
+        Command::Alerts(AlertsCommand::Test {
+            channel,
+            config,
+            retry_for,
+        }) => alerts::test(&channel, &config, &retry_for),
+        Command::Alerts(AlertsCommand::Send {
+            config,
+            findings,
+            rules,
+            retry_for,
+        }) => alerts::send(&config, findings.as_deref(), rules.as_deref(), &retry_for),
         Command::BenchInflate { paths } => bench_inflate(paths),
         Command::Baseline(cmd) => baseline(cmd),
         Command::Run { config, log_format } => run_daemon(config, log_format),
@@ -37,6 +51,7 @@ fn main() -> ExitCode {
             finding_id,
             config,
         } => remediate_cmd(dry_run, &finding_id, &config),
+        Command::Archive(cmd) => archive(cmd),
     };
     match result {
         Ok(code) => code,
@@ -331,6 +346,9 @@ fn replay_inventory(
                 report.enriched,
                 findings.len()
             );
+        }
+        for f in findings.iter_mut() {
+            kmsguard::analyze::baseline::escalate_for_tags(f);
         }
     }
     store.flush()?;
@@ -631,4 +649,144 @@ fn run_daemon(file: std::path::PathBuf, log_format: Option<LogFormat>) -> Result
             Ok(ExitCode::from(3))
         }
     }
+}
+
+fn aws_settings(a: &AwsArgs) -> kmsguard::aws::AwsSettings {
+    let mut s = kmsguard::aws::AwsSettings::from_env();
+    if a.region.is_some() {
+        s.region = a.region.clone();
+    }
+    if a.endpoint_url.is_some() {
+        s.endpoint_url = a.endpoint_url.clone();
+        s.s3_force_path_style = true;
+    }
+    s.s3_force_path_style |= a.s3_path_style;
+    s
+}
+
+/// `kmsguard archive ...`: parses locations, runs the library command, prints.
+fn archive(cmd: ArchiveCommand) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let aws = match &cmd {
+            ArchiveCommand::Write { aws, .. }
+            | ArchiveCommand::List { aws, .. }
+            | ArchiveCommand::Cat { aws, .. }
+            | ArchiveCommand::Verify { aws, .. }
+            | ArchiveCommand::Decrypt { aws, .. } => aws_settings(aws),
+        };
+        let clients = archive_cmd::Clients::new(&aws).await;
+        match cmd {
+            ArchiveCommand::Write {
+                key,
+                dir,
+                s3,
+                host,
+                max_segment_bytes,
+                stats,
+                file,
+                ..
+            } => {
+                let mut dests: Vec<Location> = dir.into_iter().map(Location::Dir).collect();
+                if let Some(s3) = s3 {
+                    dests.push(Location::parse(&s3)?);
+                }
+                let mut cfg =
+                    ArchiverConfig::new(key, &host.unwrap_or_else(archive_cmd::default_host));
+                cfg.max_segment_bytes = max_segment_bytes.max(1);
+                let (mut input, name): (Box<dyn std::io::BufRead>, String) = match &file {
+                    Some(p) => (
+                        Box::new(std::io::BufReader::new(
+                            std::fs::File::open(p)
+                                .with_context(|| format!("cannot open {}", p.display()))?,
+                        )),
+                        p.display().to_string(),
+                    ),
+                    None => (Box::new(std::io::stdin().lock()), "standard input".into()),
+                };
+                let o = archive_cmd::write(&clients, cfg, dests, &mut input, &name).await?;
+                eprintln!(
+                    "{}",
+                    if stats {
+                        o.summary_json()
+                    } else {
+                        o.summary_text()
+                    }
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            ArchiveCommand::List { location, .. } => {
+                let listed = archive_cmd::list(&clients, Location::parse(&location)?).await?;
+                archive_cmd::write_list(&mut std::io::stdout().lock(), &listed)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            ArchiveCommand::Cat {
+                location,
+                read,
+                since,
+                until,
+                rule,
+                principal,
+                ..
+            } => {
+                let filter = AlertFilter {
+                    since,
+                    until,
+                    rule,
+                    principal,
+                    host: read.host,
+                };
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                archive_cmd::cat(
+                    &clients,
+                    Location::parse(&location)?,
+                    read.key.as_deref(),
+                    &filter,
+                    &mut out,
+                )
+                .await?;
+                out.flush()?;
+                Ok(ExitCode::SUCCESS)
+            }
+            ArchiveCommand::Verify { location, read, .. } => {
+                let loc = Location::parse(&location)?;
+                let r =
+                    archive_cmd::verify(&clients, loc, read.key.as_deref(), read.host.as_deref())
+                        .await?;
+                let ok = archive_cmd::print_verify_report(
+                    &mut std::io::stdout().lock(),
+                    &mut std::io::stderr().lock(),
+                    &r,
+                    &location,
+                )?;
+                Ok(if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
+            }
+            ArchiveCommand::Decrypt {
+                location,
+                out,
+                read,
+                ..
+            } => {
+                let files = archive_cmd::decrypt(
+                    &clients,
+                    Location::parse(&location)?,
+                    read.key.as_deref(),
+                    &out,
+                )
+                .await?;
+                for f in &files {
+                    println!("{}", f.display());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
 }

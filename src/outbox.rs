@@ -21,10 +21,24 @@ pub enum DeliveryError {
     Permanent(String),
 }
 
+/// What a sink did with a batch.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// How many findings from the start of the batch it accepted (they leave the
+    /// outbox). Fewer than the batch, even 0, is allowed: a sink that collects findings
+    /// into larger units (an archive segment, a digest) takes them when it is ready.
+    pub accepted: usize,
+    /// Findings to enqueue for the other sinks (e.g. what a remediation did).
+    pub follow_ups: Vec<Finding>,
+}
+
 /// A consumer of the outbox. A closed set: add a variant to add a kind of sink.
 pub enum Sink {
     /// Appends JSON Lines to a file and fsyncs.
     File(FileSinkConfig),
+    /// Seals findings into envelope-encrypted archive segments (docs/archive.md); takes
+    /// them only once a whole segment is written.
+    Archive(Box<crate::archive::ArchiveSink>),
     /// Runs automatic remediation (`src/remediate.rs`) on findings whose rule has a
     /// remediation hint; answers with the `kind: "remediation"` findings as follow-ups.
     Remediate(Arc<crate::remediate::Engine>),
@@ -34,7 +48,16 @@ impl Sink {
     pub fn name(&self) -> String {
         match self {
             Sink::File(f) => format!("file:{}", f.path.display()),
+            Sink::Archive(a) => a.name(),
             Sink::Remediate(_) => "remediate".into(),
+        }
+    }
+
+    /// The most entries one `deliver` call is given.
+    pub fn batch_limit(&self) -> usize {
+        match self {
+            Sink::Archive(a) => a.batch_limit(),
+            _ => 500,
         }
     }
 
@@ -43,12 +66,14 @@ impl Sink {
     pub fn accepts(&self, f: &Finding) -> bool {
         match self {
             Sink::File(c) => f.severity >= c.min_severity,
+            Sink::Archive(a) => a.accepts(f),
             Sink::Remediate(e) => e.accepts(f),
         }
     }
 
-    /// Delivers a batch (all or nothing); returns follow-up findings to enqueue.
-    pub async fn deliver(&self, batch: &[Finding]) -> Result<Vec<Finding>, DeliveryError> {
+    /// Delivers (a prefix of) a batch, oldest first. The batch is every pending entry of
+    /// this sink up to a limit, so a sink sees what it left last time again.
+    pub async fn deliver(&self, batch: &[Finding]) -> Result<Delivery, DeliveryError> {
         match self {
             Sink::File(c) => {
                 let path = c.path.clone();
@@ -71,16 +96,23 @@ impl Sink {
                 .map_err(|e| {
                     DeliveryError::Transient(format!("file sink {}: {e}", c.path.display()))
                 })?;
-                Ok(Vec::new())
+                Ok(Delivery {
+                    accepted: batch.len(),
+                    follow_ups: Vec::new(),
+                })
             }
+            Sink::Archive(a) => a.deliver(batch).await,
             // Never an error: a failed remediation is reported as a finding, and
             // retrying the batch would act twice (the engine reads state first anyway).
             Sink::Remediate(engine) => {
-                let mut out = Vec::new();
+                let mut follow_ups = Vec::new();
                 for f in batch {
-                    out.extend(engine.handle(f).await);
+                    follow_ups.extend(engine.handle(f).await);
                 }
-                Ok(out)
+                Ok(Delivery {
+                    accepted: batch.len(),
+                    follow_ups,
+                })
             }
         }
     }

@@ -150,10 +150,11 @@ pub fn analyze(
 ) -> Analysis {
     let mut findings = Vec::new();
     let mut observations = Vec::new();
+    let file: std::sync::Arc<str> = name.into();
     let report = decode(&mut |ev| {
         rules.evaluate(ev, name, &mut findings);
         if with_baselines {
-            observations.extend(baseline::observe(ev, name));
+            observations.extend(baseline::observe(ev, &file));
         }
     });
     observations.sort_by_key(|o| o.time);
@@ -224,6 +225,7 @@ pub fn replay(
         drop(tx);
         let mut pending: BTreeMap<usize, WorkerResult> = BTreeMap::new();
         let mut ledger: Vec<String> = Vec::new();
+        let mut last_commit = Instant::now();
         let mut needed = 0;
         let mut bytes_done = 0;
         let mut emit = |f: Finding, stats: &mut ReplayStats, findings: &mut Vec<Finding>| {
@@ -264,10 +266,12 @@ pub fn replay(
                             }
                             None => stats.files_already_learned += 1,
                         }
-                        // Commit every 64 files: their ledger entries and the baselines
-                        // they changed land together or not at all.
-                        if ledger.len() >= 64 {
+                        // Commit every second (or 4096 files): a batch's ledger entries
+                        // and the baselines its files changed land together or not at
+                        // all; a crash costs at most the uncommitted second of work.
+                        if ledger.len() >= 4096 || last_commit.elapsed() >= Duration::from_secs(1) {
                             commit_batch(det, store, &mut ledger)?;
+                            last_commit = Instant::now();
                         }
                         Ok(())
                     };
@@ -359,10 +363,10 @@ pub fn learn(
     }
     let mut out = Vec::new();
     for o in observed {
-        if !det.is_cached(&o.principal) {
-            if let Some(raw) = store.baseline_raw(&o.principal)? {
-                let b: Baseline = store::decode("baselines", &o.principal, &raw)?;
-                det.load(o.principal.clone(), b);
+        if !det.is_cached(o.principal()) {
+            if let Some(raw) = store.baseline_raw(o.principal())? {
+                let b: Baseline = store::decode("baselines", o.principal(), &raw)?;
+                det.load(o.principal().to_string(), b);
             }
         }
         out.extend(det.observe(o, report));

@@ -20,6 +20,7 @@ use crate::analyze::rule::event_id_of;
 use crate::event::Event;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 /// Detector settings (`[baseline]` in the config file). Defaults are documented in
 /// docs/baselines.md.
@@ -122,32 +123,135 @@ const BUCKET: i64 = 300;
 const ALPHA: f64 = 0.02;
 const MAX_IDS: usize = 50;
 
-/// One KMS event as the baselines see it.
+/// One KMS event as the baselines see it. Compact on purpose (baselines see every KMS
+/// event): all text lives in one buffer addressed by spans, so building and dropping an
+/// observation costs three allocations instead of fifteen.
 #[derive(Debug, Clone)]
 pub struct Observation {
-    pub principal: String,
-    pub principal_arn: Option<String>,
-    pub principal_role: Option<String>,
+    text: String,
+    spans: [Span; F_COUNT],
+    keys: Vec<Span>,
     pub time: i64,
-    pub time_str: String,
-    pub event_id: String,
-    pub event_name: String,
-    pub account: Option<String>,
-    pub region: Option<String>,
-    pub keys: Vec<String>,
-    /// The source IP, or for calls made by an AWS service on the principal's behalf,
-    /// the service.
-    pub source: Option<String>,
-    pub source_ip: Option<String>,
-    pub vpc_endpoint: Option<String>,
-    pub user_agent: Option<String>,
-    pub ua_family: Option<String>,
     pub denied: bool,
     pub management_write: bool,
     /// Operation family for rates ("Decrypt", "GenerateDataKey", "ReEncrypt", "Encrypt").
     pub rate_family: Option<&'static str>,
     pub crypto: bool,
-    pub file: String,
+    pub file: Arc<str>,
+}
+
+/// A piece of `Observation::text`; `NONE` when the field was absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span(u32, u32);
+
+impl Span {
+    const NONE: Span = Span(u32::MAX, 0);
+}
+
+const F_PRINCIPAL: usize = 0;
+const F_PRINCIPAL_ARN: usize = 1;
+const F_PRINCIPAL_ROLE: usize = 2;
+const F_TIME: usize = 3;
+const F_EVENT_ID: usize = 4;
+const F_EVENT_NAME: usize = 5;
+const F_ACCOUNT: usize = 6;
+const F_REGION: usize = 7;
+const F_SOURCE: usize = 8;
+const F_SOURCE_IP: usize = 9;
+const F_VPCE: usize = 10;
+const F_USER_AGENT: usize = 11;
+const F_UA_FAMILY: usize = 12;
+const F_COUNT: usize = 13;
+
+impl Observation {
+    fn get(&self, s: Span) -> Option<&str> {
+        if s == Span::NONE {
+            return None;
+        }
+        self.text.get(s.0 as usize..(s.0 + s.1) as usize)
+    }
+    fn field(&self, f: usize) -> Option<&str> {
+        self.get(self.spans[f])
+    }
+    /// The stable principal the baseline is kept for.
+    pub fn principal(&self) -> &str {
+        self.field(F_PRINCIPAL).unwrap_or("")
+    }
+    pub fn principal_arn(&self) -> Option<&str> {
+        self.field(F_PRINCIPAL_ARN)
+    }
+    pub fn principal_role(&self) -> Option<&str> {
+        self.field(F_PRINCIPAL_ROLE)
+    }
+    pub fn time_str(&self) -> &str {
+        self.field(F_TIME).unwrap_or("")
+    }
+    pub fn event_id(&self) -> &str {
+        self.field(F_EVENT_ID).unwrap_or("")
+    }
+    pub fn event_name(&self) -> &str {
+        self.field(F_EVENT_NAME).unwrap_or("")
+    }
+    pub fn account(&self) -> Option<&str> {
+        self.field(F_ACCOUNT)
+    }
+    pub fn region(&self) -> Option<&str> {
+        self.field(F_REGION)
+    }
+    /// The source IP, or for calls an AWS service made on the principal's behalf, the
+    /// service.
+    pub fn source(&self) -> Option<&str> {
+        self.field(F_SOURCE)
+    }
+    pub fn source_ip(&self) -> Option<&str> {
+        self.field(F_SOURCE_IP)
+    }
+    pub fn vpc_endpoint(&self) -> Option<&str> {
+        self.field(F_VPCE)
+    }
+    pub fn user_agent(&self) -> Option<&str> {
+        self.field(F_USER_AGENT)
+    }
+    pub fn ua_family(&self) -> Option<&str> {
+        self.field(F_UA_FAMILY)
+    }
+    pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.keys.iter().filter_map(|s| self.get(*s))
+    }
+    pub fn keys_vec(&self) -> Vec<String> {
+        self.keys().map(str::to_string).collect()
+    }
+}
+
+/// Builds an `Observation` field by field.
+struct ObservationBuilder {
+    text: String,
+    spans: [Span; F_COUNT],
+    keys: Vec<Span>,
+}
+
+impl ObservationBuilder {
+    fn new() -> Self {
+        ObservationBuilder {
+            text: String::with_capacity(512),
+            spans: [Span::NONE; F_COUNT],
+            keys: Vec::new(),
+        }
+    }
+    fn push(&mut self, v: &str) -> Span {
+        let start = self.text.len() as u32;
+        self.text.push_str(v);
+        Span(start, v.len() as u32)
+    }
+    fn set(&mut self, f: usize, v: Option<&str>) {
+        if let Some(v) = v {
+            self.spans[f] = self.push(v);
+        }
+    }
+    fn key(&mut self, v: &str) {
+        let s = self.push(v);
+        self.keys.push(s);
+    }
 }
 
 fn rate_family(name: &str) -> Option<&'static str> {
@@ -245,11 +349,10 @@ pub fn parse_time(s: &str) -> Option<i64> {
 }
 
 /// Builds the observation of a KMS event, or None for events baselines ignore.
-pub fn observe(ev: &Event<'_>, file: &str) -> Option<Observation> {
+pub fn observe(ev: &Event<'_>, file: &Arc<str>) -> Option<Observation> {
     if ev.event_source() != Some(crate::event::KMS_SOURCE) {
         return None;
     }
-    let principal = stable_principal(ev)?;
     let time_str = ev.event_time()?;
     let time = parse_time(time_str)?;
     let name = ev.event_name()?;
@@ -262,33 +365,54 @@ pub fn observe(ev: &Event<'_>, file: &str) -> Option<Observation> {
         || name.starts_with("List")
         || name.starts_with("Get");
     let crypto = CRYPTO.contains(&name);
-    let via_service = ev.invoked_by();
+    let mut b = ObservationBuilder::new();
+    b.set(F_PRINCIPAL, Some(&stable_principal(ev)?));
+    b.set(F_PRINCIPAL_ARN, ev.principal());
+    b.set(F_PRINCIPAL_ROLE, ev.principal_role());
+    b.set(F_TIME, Some(time_str));
+    match ev.event_id() {
+        Some(id) if !id.is_empty() => b.set(F_EVENT_ID, Some(id)),
+        _ => b.set(F_EVENT_ID, Some(&event_id_of(ev))),
+    }
+    b.set(F_EVENT_NAME, Some(name));
+    b.set(F_ACCOUNT, ev.account());
+    b.set(F_REGION, ev.region());
+    b.set(
+        F_SOURCE,
+        ev.invoked_by().or(ev.source_ip()).map(|s| cap(s, 128)),
+    );
+    b.set(F_SOURCE_IP, ev.source_ip());
+    b.set(F_VPCE, ev.vpc_endpoint().map(|s| cap(s, 64)));
+    b.set(F_USER_AGENT, ev.user_agent());
+    b.set(F_UA_FAMILY, ev.user_agent().map(ua_family).as_deref());
+    for k in ev.key_arns() {
+        b.key(&k);
+    }
     Some(Observation {
-        principal,
-        principal_arn: ev.principal().map(str::to_string),
-        principal_role: ev.principal_role().map(str::to_string),
+        text: b.text,
+        spans: b.spans,
+        keys: b.keys,
         time,
-        time_str: time_str.to_string(),
-        event_id: event_id_of(ev),
-        event_name: name.to_string(),
-        account: ev.account().map(str::to_string),
-        region: ev.region().map(str::to_string),
-        keys: ev.key_arns(),
-        source: via_service
-            .or(ev.source_ip())
-            .map(|s| s.chars().take(128).collect()),
-        source_ip: ev.source_ip().map(str::to_string),
-        vpc_endpoint: ev.vpc_endpoint().map(|s| s.chars().take(64).collect()),
-        user_agent: ev.user_agent().map(str::to_string),
-        ua_family: ev.user_agent().map(ua_family),
         denied: ev
             .error_code()
             .is_some_and(|c| c.starts_with("AccessDenied")),
         management_write: !read_only && !crypto,
         rate_family: rate_family(name),
         crypto,
-        file: file.to_string(),
+        file: file.clone(),
     })
+}
+
+/// The first `max` bytes of `s`, cut at a character boundary.
+fn cap(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// 5-minute call counts of one operation family.
@@ -425,18 +549,18 @@ impl Detector {
         let mut out = Vec::new();
         let cfg = &self.cfg;
         let ttl = cfg.ttl_days as i64 * 86400;
-        if !self.dirty.contains(&o.principal) {
-            self.dirty.insert(o.principal.clone());
+        if !self.dirty.contains(o.principal()) {
+            self.dirty.insert(o.principal().to_string());
         }
-        if !self.cache.contains_key(&o.principal) {
+        if !self.cache.contains_key(o.principal()) {
             let fresh = Baseline {
                 first_seen: o.time,
                 hours: vec![0; 168],
                 ..Baseline::default()
             };
-            self.cache.insert(o.principal.clone(), fresh);
+            self.cache.insert(o.principal().to_string(), fresh);
         }
-        let Some(b) = self.cache.get_mut(&o.principal) else {
+        let Some(b) = self.cache.get_mut(o.principal()) else {
             return out;
         };
         if b.hours.len() != 168 {
@@ -464,7 +588,7 @@ impl Detector {
                     format!("{h:02}"),
                     format!(
                         "{} ran {} at {:02}:xx UTC, an hour it has never been active (usual activity {span}, {} events)",
-                        o.principal, o.event_name, h, b.events
+                        o.principal(), o.event_name(), h, b.events
                     ),
                 ));
             }
@@ -473,21 +597,18 @@ impl Detector {
         // Set features. A denied call teaches nothing about what is normal (and is the
         // denied-burst detector's business).
         if o.crypto && !o.denied {
-            for k in &o.keys {
+            for k in o.keys() {
                 let new = remember(&mut b.keys, k, o.time, ttl, cfg.max_keys);
                 if new && learned {
-                    let foreign = o
-                        .account
-                        .as_deref()
-                        .is_some_and(|a| !k.contains(&format!(":{a}:")));
+                    let foreign = o.account().is_some_and(|a| !k.contains(&format!(":{a}:")));
                     anomalies.push((
                         "anomaly-new-key",
-                        k.clone(),
+                        k.to_string(),
                         format!(
                             "{} used {} for the first time ({}){}; it used {} other key(s) in {} events",
-                            o.principal,
+                            o.principal(),
                             k,
-                            o.event_name,
+                            o.event_name(),
                             if foreign { ", a key of another account" } else { "" },
                             b.keys.len().saturating_sub(1),
                             b.events
@@ -498,7 +619,7 @@ impl Detector {
         }
         let feature = |id: &'static str,
                        set: &mut BTreeMap<String, i64>,
-                       v: &Option<String>,
+                       v: Option<&str>,
                        cap: usize,
                        what: &str,
                        anomalies: &mut Vec<(&'static str, String, String)>| {
@@ -506,17 +627,17 @@ impl Detector {
                 if remember(set, v, o.time, ttl, cap) && learned {
                     let known: Vec<&str> = set
                         .keys()
-                        .filter(|k| *k != v)
+                        .filter(|k| k.as_str() != v)
                         .map(String::as_str)
                         .take(5)
                         .collect();
                     anomalies.push((
                         id,
-                        v.clone(),
+                        v.to_string(),
                         format!(
                             "{} called {} from {what} {v}, never seen for it (known: {})",
-                            o.principal,
-                            o.event_name,
+                            o.principal(),
+                            o.event_name(),
                             known.join(", ")
                         ),
                     ));
@@ -527,7 +648,7 @@ impl Detector {
             feature(
                 "anomaly-new-source-ip",
                 &mut b.sources,
-                &o.source,
+                o.source(),
                 cfg.max_sources,
                 "source",
                 &mut anomalies,
@@ -535,7 +656,7 @@ impl Detector {
             feature(
                 "anomaly-new-vpc-endpoint",
                 &mut b.vpc_endpoints,
-                &o.vpc_endpoint,
+                o.vpc_endpoint(),
                 cfg.max_sources,
                 "VPC endpoint",
                 &mut anomalies,
@@ -543,7 +664,7 @@ impl Detector {
             feature(
                 "anomaly-new-user-agent",
                 &mut b.user_agents,
-                &o.ua_family,
+                o.ua_family(),
                 cfg.max_user_agents,
                 "user agent",
                 &mut anomalies,
@@ -551,7 +672,7 @@ impl Detector {
             feature(
                 "anomaly-new-region",
                 &mut b.regions,
-                &o.region,
+                o.region(),
                 cfg.max_regions,
                 "region",
                 &mut anomalies,
@@ -583,10 +704,10 @@ impl Detector {
             if bucket >= r.bucket_start {
                 r.count += 1;
                 if r.ids.len() < 10 {
-                    r.ids.push(o.event_id.clone());
+                    r.ids.push(o.event_id().to_string());
                 }
                 if r.first_time.is_empty() {
-                    r.first_time = o.time_str.clone();
+                    r.first_time = o.time_str().to_string();
                 }
             }
         }
@@ -604,11 +725,11 @@ impl Detector {
             d.last = o.time;
             d.count += 1;
             if d.ids.len() < MAX_IDS {
-                d.ids.push(o.event_id.clone());
+                d.ids.push(o.event_id().to_string());
             }
-            for k in &o.keys {
-                if d.keys.len() < 20 && !d.keys.contains(k) {
-                    d.keys.push(k.clone());
+            for k in o.keys() {
+                if d.keys.len() < 20 && !d.keys.iter().any(|x| x == k) {
+                    d.keys.push(k.to_string());
                 }
             }
             if d.count >= cfg.denied_burst
@@ -639,8 +760,8 @@ impl Detector {
             out.push(self.finding(
                 id,
                 o,
-                vec![o.event_id.clone()],
-                o.keys.clone(),
+                vec![o.event_id().to_string()],
+                o.keys_vec(),
                 summary,
                 None,
             ));
@@ -648,14 +769,14 @@ impl Detector {
         if let (Some((fam, r, mean, sd)), true) = (spike, self.enabled("anomaly-rate-spike")) {
             let summary = format!(
                 "{} made {} {} calls in 5 minutes from {} vs. usual {:.0} ± {:.0} per 5 min over {} buckets",
-                o.principal, r.count, fam, r.first_time, mean, sd, r.buckets
+                o.principal(), r.count, fam, r.first_time, mean, sd, r.buckets
             );
-            let group = format!("{}|{}|{}", o.principal, fam, r.bucket_start);
+            let group = format!("{}|{}|{}", o.principal(), fam, r.bucket_start);
             let mut f = self.finding(
                 "anomaly-rate-spike",
                 o,
                 r.ids.clone(),
-                o.keys.clone(),
+                o.keys_vec(),
                 summary,
                 Some(group),
             );
@@ -666,12 +787,12 @@ impl Detector {
         if let (Some(d), true) = (burst, self.enabled("anomaly-denied-burst")) {
             let summary = format!(
                 "{} was denied {} KMS calls on {} key(s) within {} s (key enumeration?)",
-                o.principal,
+                o.principal(),
                 d.count,
                 d.keys.len(),
                 o.time - d.window_start
             );
-            let group = format!("{}|{}", o.principal, d.window_start);
+            let group = format!("{}|{}", o.principal(), d.window_start);
             out.push(self.finding(
                 "anomaly-denied-burst",
                 o,
@@ -684,7 +805,8 @@ impl Detector {
         out
     }
 
-    /// Closes every open rate bucket (end of a replay) and reports spikes.
+    /// Judges every open rate bucket as if it closed now (end of a replay) and reports
+    /// spikes, without changing the baselines.
     pub fn flush(&mut self, report: bool) -> Vec<Finding> {
         let mut out = Vec::new();
         let cfg = self.cfg.clone();
@@ -693,21 +815,18 @@ impl Detector {
             let Some(b) = self.cache.get_mut(&p) else {
                 continue;
             };
+            // Judge copies: the open buckets stay open in the stored baseline, since a
+            // later replay (or the daemon) may continue them; a spike reported here and
+            // again when its bucket really closes has the same finding id.
             let mut spikes = Vec::new();
-            for (fam, r) in b.rates.iter_mut() {
+            for (fam, r) in b.rates.iter() {
                 if r.count == 0 {
                     continue;
                 }
-                if let Some((snap, mean, sd)) = close_bucket(r, &cfg) {
+                let mut r = r.clone();
+                if let Some((snap, mean, sd)) = close_bucket(&mut r, &cfg) {
                     spikes.push((fam.clone(), snap, mean, sd));
                 }
-                r.bucket_start += BUCKET;
-                r.count = 0;
-                r.ids.clear();
-                r.first_time.clear();
-            }
-            if !spikes.is_empty() {
-                self.dirty.insert(p.clone());
             }
             if !report || !self.enabled("anomaly-rate-spike") {
                 continue;
@@ -733,7 +852,12 @@ impl Detector {
                     event_source: crate::event::KMS_SOURCE.into(),
                     time: r.first_time.clone(),
                     principal: Some(p.clone()),
-                    principal_role: None,
+                    // The stable principal is a role ARN (possibly "ROLE via SERVICE").
+                    principal_role: p
+                        .split(" via ")
+                        .next()
+                        .filter(|r| r.contains(":role/"))
+                        .map(str::to_string),
                     account: None,
                     region: None,
                     keys: Vec::new(),
@@ -768,8 +892,7 @@ impl Detector {
             .unwrap_or((Severity::Medium, "anomaly"));
         let mut severity = sev;
         if id == "anomaly-new-key"
-            && o.account
-                .as_deref()
+            && o.account()
                 .is_some_and(|a| keys.iter().any(|k| !k.contains(&format!(":{a}:"))))
         {
             severity = Severity::High;
@@ -790,24 +913,51 @@ impl Detector {
             title,
             summary: crate::analyze::rule::clean(&summary, 400).collect(),
             event_ids,
-            event_name: o.event_name.clone(),
+            event_name: o.event_name().to_string(),
             event_source: crate::event::KMS_SOURCE.into(),
-            time: o.time_str.clone(),
-            principal: o.principal_arn.clone(),
-            principal_role: o.principal_role.clone(),
-            account: o.account.clone(),
-            region: o.region.clone(),
+            time: o.time_str().to_string(),
+            principal: o.principal_arn().map(str::to_string),
+            principal_role: o.principal_role().map(str::to_string),
+            account: o.account().map(str::to_string),
+            region: o.region().map(str::to_string),
             keys,
-            source_ip: o.source_ip.clone(),
-            user_agent: o.user_agent.clone(),
+            source_ip: o.source_ip().map(str::to_string),
+            user_agent: o.user_agent().map(str::to_string),
             error_code: None,
-            file: o.file.clone(),
+            file: o.file.to_string(),
             remediation: None,
             key_alias: None,
             key_tags: Default::default(),
             context: Default::default(),
             action: None,
         }
+    }
+}
+
+/// Tag values that mark a key as sensitive (`sensitivity`, `classification` or
+/// `data-classification` tags, case-insensitive).
+const SENSITIVE: [&str; 5] = ["high", "critical", "restricted", "secret", "confidential"];
+
+/// Raises a first-use-of-key anomaly by one level when the key is tagged sensitive (the
+/// tags come from the key inventory, so this runs after enrichment).
+pub fn escalate_for_tags(f: &mut Finding) {
+    if f.rule != "anomaly-new-key" {
+        return;
+    }
+    let sensitive = f.key_tags.iter().any(|(k, v)| {
+        matches!(
+            k.to_ascii_lowercase().as_str(),
+            "sensitivity" | "classification" | "data-classification"
+        ) && SENSITIVE.contains(&v.to_ascii_lowercase().as_str())
+    });
+    if sensitive {
+        f.severity = match f.severity {
+            Severity::Info => Severity::Low,
+            Severity::Low => Severity::Medium,
+            Severity::Medium => Severity::High,
+            Severity::High | Severity::Critical => Severity::Critical,
+        };
+        f.summary.push_str(" The key is tagged sensitive.");
     }
 }
 
@@ -846,6 +996,21 @@ fn close_bucket(r: &mut Rate, cfg: &BaselineConfig) -> Option<(Rate, f64, f64)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sensitive_keys_raise_first_use() {
+        let mut f = Finding {
+            rule: "anomaly-new-key".into(),
+            severity: Severity::Medium,
+            ..crate::analyze::finding::Finding::default()
+        };
+        escalate_for_tags(&mut f);
+        assert_eq!(f.severity, Severity::Medium, "untagged: unchanged");
+        f.key_tags.insert("Sensitivity".into(), "High".into());
+        escalate_for_tags(&mut f);
+        assert_eq!(f.severity, Severity::High);
+        assert!(f.summary.ends_with("tagged sensitive."));
+    }
 
     #[test]
     fn time_parsing() {
@@ -890,27 +1055,26 @@ mod tests {
     }
 
     fn obs(t: i64, name: &str, ip: &str, denied: bool) -> Observation {
+        let mut b = ObservationBuilder::new();
+        b.set(F_PRINCIPAL, Some("arn:aws:iam::1:role/app"));
+        b.set(F_TIME, Some(&format!("t{t}")));
+        b.set(F_EVENT_ID, Some(&format!("e{t}-{ip}")));
+        b.set(F_EVENT_NAME, Some(name));
+        b.set(F_ACCOUNT, Some("111122223333"));
+        b.set(F_REGION, Some("us-east-1"));
+        b.set(F_SOURCE, Some(ip));
+        b.set(F_SOURCE_IP, Some(ip));
+        b.key("arn:aws:kms:us-east-1:111122223333:key/a");
         Observation {
-            principal: "arn:aws:iam::1:role/app".into(),
-            principal_arn: None,
-            principal_role: None,
+            text: b.text,
+            spans: b.spans,
+            keys: b.keys,
             time: t,
-            time_str: format!("t{t}"),
-            event_id: format!("e{t}-{ip}"),
-            event_name: name.into(),
-            account: Some("111122223333".into()),
-            region: Some("us-east-1".into()),
-            keys: vec!["arn:aws:kms:us-east-1:111122223333:key/a".into()],
-            source: Some(ip.into()),
-            source_ip: Some(ip.into()),
-            vpc_endpoint: None,
-            user_agent: None,
-            ua_family: None,
             denied,
             management_write: false,
             rate_family: rate_family(name),
             crypto: true,
-            file: String::new(),
+            file: Arc::from(""),
         }
     }
 

@@ -8,7 +8,7 @@
 
 pub mod records;
 
-use crate::event::{duplicate_keys, Event, CLOUDTRAIL_SOURCE, KMS_SOURCE};
+use crate::event::{Event, CLOUDTRAIL_SOURCE, KMS_SOURCE};
 use memchr::memmem::Finder;
 use records::{RecordScanner, ScanLimits, ScanProblem};
 use simd_json::BorrowedValue as Value;
@@ -149,10 +149,14 @@ impl FileReport {
     }
 }
 
+enum Prefilter {
+    Candidate,
+    Other,
+    NoSource,
+}
+
 /// Turns each candidate record into an `Event`; owns the reusable parse buffers.
 struct RecordSink<'f> {
-    kms: Finder<'static>,
-    cloudtrail: Finder<'static>,
     event_source_key: Finder<'static>,
     buf: Vec<u8>,
     buffers: simd_json::Buffers,
@@ -171,8 +175,6 @@ struct RecordSink<'f> {
 impl<'f> RecordSink<'f> {
     fn new(on_event: &'f mut dyn FnMut(&Event<'_>)) -> Self {
         RecordSink {
-            kms: Finder::new(KMS_SOURCE.as_bytes()),
-            cloudtrail: Finder::new(CLOUDTRAIL_SOURCE.as_bytes()),
             event_source_key: Finder::new(b"\"eventSource\""),
             buf: Vec::with_capacity(8 << 10),
             buffers: simd_json::Buffers::new(8 << 10),
@@ -191,11 +193,13 @@ impl<'f> RecordSink<'f> {
 
     fn record(&mut self, rec: &[u8]) {
         self.stats.records += 1;
-        if self.kms.find(rec).is_none() && self.cloudtrail.find(rec).is_none() {
-            if self.event_source_key.find(rec).is_none() {
+        match self.source_of(rec) {
+            Prefilter::Candidate => {}
+            Prefilter::Other => return,
+            Prefilter::NoSource => {
                 self.missing_source += 1;
+                return;
             }
-            return;
         }
         self.stats.parsed += 1;
         self.buf.clear();
@@ -218,16 +222,15 @@ impl<'f> RecordSink<'f> {
                     return;
                 }
             };
+        let ev = Event::new(&value);
         check_record(
-            &value,
-            &mut self.stats,
+            &ev,
             &mut self.dup_records,
             &mut self.dup_keys,
             &mut self.wrong_types,
             &mut self.wrong_field,
             &mut self.missing_source,
         );
-        let ev = Event::new(&value);
         match ev.event_source() {
             Some(KMS_SOURCE) => self.stats.kms_records += 1,
             Some(CLOUDTRAIL_SOURCE) => {}
@@ -236,11 +239,42 @@ impl<'f> RecordSink<'f> {
         (self.on_event)(&ev);
         // A record that repeats a key is ambiguous: other parsers keep the last value.
         // Analyze it under that reading too, so the ambiguity cannot hide an event.
-        if let Some(last_wins) = last_value_wins(&value) {
+        let last_wins = if ev.duplicate_fields().is_empty() {
+            None
+        } else {
+            last_value_wins(&value)
+        };
+        if let Some(last_wins) = last_wins {
             let alt = Event::new(&last_wins);
             if matches!(alt.event_source(), Some(KMS_SOURCE | CLOUDTRAIL_SOURCE)) {
                 (self.on_event)(&alt);
             }
+        }
+    }
+
+    /// Classifies a record by its `eventSource` without parsing it: one pass over the
+    /// record for every `"eventSource"` key (a nested one, should a request carry such a
+    /// field, cannot hide the real one: every occurrence is checked).
+    fn source_of(&self, rec: &[u8]) -> Prefilter {
+        let mut seen = false;
+        for at in self.event_source_key.find_iter(rec) {
+            seen = true;
+            let mut rest = &rec[at + b"\"eventSource\"".len()..];
+            while let [b' ' | b'\t' | b'\n' | b'\r' | b':', tail @ ..] = rest {
+                rest = tail;
+            }
+            if let [b'"', value @ ..] = rest {
+                if value.starts_with(b"kms.amazonaws.com\"")
+                    || value.starts_with(b"cloudtrail.amazonaws.com\"")
+                {
+                    return Prefilter::Candidate;
+                }
+            }
+        }
+        if seen {
+            Prefilter::Other
+        } else {
+            Prefilter::NoSource
         }
     }
 
@@ -279,24 +313,22 @@ impl<'f> RecordSink<'f> {
 }
 
 fn check_record(
-    v: &Value<'_>,
-    _stats: &mut FileStats,
+    ev: &Event<'_>,
     dup_records: &mut u64,
     dup_keys: &mut Vec<String>,
     wrong_types: &mut u64,
     wrong_field: &mut &'static str,
     missing_source: &mut u64,
 ) {
-    let dups = duplicate_keys(v);
+    let dups = ev.duplicate_fields();
     if !dups.is_empty() {
         *dup_records += 1;
         for d in dups {
-            if dup_keys.len() < 5 && !dup_keys.contains(&d) {
-                dup_keys.push(d);
+            if dup_keys.len() < 5 && !dup_keys.iter().any(|k| k == d) {
+                dup_keys.push(d.to_string());
             }
         }
     }
-    let ev = Event::new(v);
     if ev.get(&["eventSource"]).is_none() {
         *missing_source += 1;
     }
@@ -321,13 +353,9 @@ fn check_record(
     }
 }
 
-/// The record with duplicate top-level keys resolved to their last value, or None when
-/// it has no duplicates.
+/// The record with duplicate top-level keys resolved to their last value.
 fn last_value_wins<'v>(v: &Value<'v>) -> Option<Value<'v>> {
     let Value::Object(o) = v else { return None };
-    if duplicate_keys(v).is_empty() {
-        return None;
-    }
     let mut out =
         simd_json::value::borrowed::Object::with_capacity_and_hasher(o.len(), Default::default());
     for (k, x) in o.iter() {

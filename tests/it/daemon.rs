@@ -295,22 +295,33 @@ async fn daemon_finds_every_incident_through_s3_and_sqs() {
     );
     // The daemon sees what a local replay of the same files sees.
     let (replayed, _, _) = replay_jsonl(&[&corpus.join("AWSLogs")], &[]);
+    // Grouped anomalies (bursts, spikes) are compared by rule and principal: which events
+    // of a burst come first depends on the order files are processed in, which the
+    // daemon does not fix (several files in flight).
+    let key_of = |f: &Value| -> (String, String) {
+        let rule = f["rule"].as_str().unwrap().to_string();
+        let what = if matches!(rule.as_str(), "anomaly-denied-burst" | "anomaly-rate-spike") {
+            f["principal_role"]
+                .as_str()
+                .or(f["principal"].as_str())
+                .unwrap_or("")
+                .to_string()
+        } else {
+            strs(&f["event_ids"]).join(",")
+        };
+        (rule, what)
+    };
     let got: HashSet<(String, String)> = findings
         .iter()
         .filter(|f| f["kind"] != "health")
-        .map(|f| {
-            (
-                f["rule"].as_str().unwrap().to_string(),
-                strs(&f["event_ids"]).join(","),
-            )
-        })
+        .map(key_of)
         .collect();
     let truth = truth(&corpus);
     let injected: HashSet<String> = truth.iter().flat_map(|t| strs(&t["eventIDs"])).collect();
     for f in &replayed {
         let events = strs(&f["event_ids"]);
         if events.iter().any(|e| injected.contains(e)) {
-            let key = (f["rule"].as_str().unwrap().to_string(), events.join(","));
+            let key = key_of(f);
             assert!(
                 got.contains(&key),
                 "incident finding of replay missing from the daemon's sink: {f}"
@@ -335,7 +346,7 @@ async fn daemon_finds_every_incident_through_s3_and_sqs() {
 }
 
 /// A gzipped CloudTrail file with one successful DisableKey event.
-fn disable_key_file(event_id: &str) -> Vec<u8> {
+pub fn disable_key_file(event_id: &str) -> Vec<u8> {
     let doc = serde_json::json!({"Records": [{
         "eventVersion": "1.09", "eventSource": "kms.amazonaws.com", "eventName": "DisableKey",
         "eventTime": "2026-10-01T12:00:00Z", "awsRegion": "us-east-1", "eventID": event_id,

@@ -1,11 +1,16 @@
 //! The one integration-test binary: drives the real `kmsguard` binary on real files
-//! (ctgen corpora, the shipped samples, ctgen's malformed inputs).
+//! (ctgen corpora, the shipped samples, ctgen's malformed inputs) and real servers
+//! (moto, aiosmtpd, HTTP receivers written in the tests).
 
+mod alerts;
+mod archive;
 mod baselines;
 mod daemon;
+mod daemon_archive;
 mod moto_smoke;
 mod posture;
 mod remediate;
 mod replay;
 mod rules_cli;
+mod servers;
 mod support;

@@ -466,3 +466,34 @@ fn control_characters_never_reach_the_terminal() {
         "JSON keeps the raw value, escaped"
     );
 }
+
+#[test]
+fn the_readme_suppression_example_works_as_written() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find("# ci-suppressions.toml\n")
+        .expect("README shows ci-suppressions.toml");
+    let snippet = &readme[start..];
+    let snippet = &snippet[..snippet.find("```").unwrap()];
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), snippet).unwrap();
+    let dir = scenario_corpus();
+    let (all, _, _) = replay_jsonl(&[&dir.join("AWSLogs")], &["--no-baselines"]);
+    let (quiet, err, code) = replay_jsonl(
+        &[&dir.join("AWSLogs")],
+        &[
+            "--no-baselines",
+            "--extra-rules",
+            file.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let ci = |fs: &[Value]| fs.iter().filter(|f| f["principal_role"] == CI_ROLE).count();
+    assert!(ci(&all) > 0);
+    assert_eq!(
+        ci(&quiet),
+        0,
+        "the README's suppression silences the CI role"
+    );
+    check_scenarios(&quiet, &truth(dir));
+}

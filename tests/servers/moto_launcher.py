@@ -4,8 +4,10 @@
 
 moto 5.2.5 writes only the first 36 bytes of the key id into its ciphertext header. Its
 multi-Region key ids are "mrk-" + a 36-character UUID (40 bytes), so they are truncated
-and Decrypt under mrk- keys fails. We widen the header to 40 bytes before the server starts; everything else is
-stock moto.
+and Decrypt under mrk- keys fails. We widen the header to 40 bytes before the server starts.
+The ordinary 36-character key ids are then NUL-padded to 40 in the header, so reading it
+back strips the padding (without that, Decrypt under a non-mrk key fails with
+AccessDeniedException). Everything else is stock moto.
 """
 import sys
 
@@ -14,6 +16,18 @@ import moto.kms.utils as kms_utils
 kms_utils.KEY_ID_LEN = 40
 kms_utils.HEADER_LEN = kms_utils.KEY_ID_LEN + kms_utils.IV_LEN + kms_utils.TAG_LEN
 kms_utils.CIPHERTEXT_HEADER_FORMAT = f">{kms_utils.KEY_ID_LEN}s{kms_utils.IV_LEN}s{kms_utils.TAG_LEN}s"
+
+_deserialize = kms_utils._deserialize_ciphertext_blob
+
+
+def _deserialize_unpadded(ciphertext_blob):
+    ct = _deserialize(ciphertext_blob)
+    return kms_utils.Ciphertext(
+        key_id=ct.key_id.rstrip("\0"), iv=ct.iv, ciphertext=ct.ciphertext, tag=ct.tag
+    )
+
+
+kms_utils._deserialize_ciphertext_blob = _deserialize_unpadded
 
 from moto.server import main  # noqa: E402  (after the patch, on purpose)
 
