@@ -9,6 +9,7 @@ mod daemon;
 mod daemon_archive;
 mod moto_smoke;
 mod posture;
+mod remediate;
 mod replay;
 mod rules_cli;
 mod servers;
