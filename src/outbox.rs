@@ -8,6 +8,7 @@ use crate::analyze::finding::Finding;
 use crate::config::FileSinkConfig;
 use crate::store::{Commit, Store, StoreError};
 use std::io::Write;
+use std::sync::Arc;
 
 /// Why a delivery failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -38,6 +39,9 @@ pub enum Sink {
     /// Seals findings into envelope-encrypted archive segments (docs/archive.md); takes
     /// them only once a whole segment is written.
     Archive(Box<crate::archive::ArchiveSink>),
+    /// Runs automatic remediation (`src/remediate.rs`) on findings whose rule has a
+    /// remediation hint; answers with the `kind: "remediation"` findings as follow-ups.
+    Remediate(Arc<crate::remediate::Engine>),
 }
 
 impl Sink {
@@ -45,6 +49,7 @@ impl Sink {
         match self {
             Sink::File(f) => format!("file:{}", f.path.display()),
             Sink::Archive(a) => a.name(),
+            Sink::Remediate(_) => "remediate".into(),
         }
     }
 
@@ -62,6 +67,7 @@ impl Sink {
         match self {
             Sink::File(c) => f.severity >= c.min_severity,
             Sink::Archive(a) => a.accepts(f),
+            Sink::Remediate(e) => e.accepts(f),
         }
     }
 
@@ -96,6 +102,18 @@ impl Sink {
                 })
             }
             Sink::Archive(a) => a.deliver(batch).await,
+            // Never an error: a failed remediation is reported as a finding, and
+            // retrying the batch would act twice (the engine reads state first anyway).
+            Sink::Remediate(engine) => {
+                let mut follow_ups = Vec::new();
+                for f in batch {
+                    follow_ups.extend(engine.handle(f).await);
+                }
+                Ok(Delivery {
+                    accepted: batch.len(),
+                    follow_ups,
+                })
+            }
         }
     }
 }
