@@ -144,6 +144,11 @@ impl Dispatch {
         self.moved.notify_all();
     }
 
+    /// The index of the file the collector waits for.
+    fn needed(&self) -> usize {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
     fn stop(&self) {
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
         g.0 = usize::MAX / 2;
@@ -167,13 +172,34 @@ pub fn analyze(
     with_baselines: bool,
     decode: impl FnOnce(&mut dyn FnMut(&crate::event::Event<'_>)) -> FileReport,
 ) -> Analysis {
+    analyze_streaming(rules, name, with_baselines, &mut |_| {}, decode)
+}
+
+/// Observations collected before `analyze_streaming` offers them to `flush`.
+const OBSERVATION_CHUNK: usize = 16_384;
+
+/// `analyze`, offering the observations collected so far to `flush` every
+/// `OBSERVATION_CHUNK` events; `flush` may take them (so a huge file's observations need
+/// not all be held at once) or leave them in the vector.
+pub fn analyze_streaming(
+    rules: &RuleSet,
+    name: &str,
+    with_baselines: bool,
+    flush: &mut dyn FnMut(&mut Vec<Observation>),
+    decode: impl FnOnce(&mut dyn FnMut(&crate::event::Event<'_>)) -> FileReport,
+) -> Analysis {
     let mut findings = Vec::new();
     let mut observations = Vec::new();
     let file: std::sync::Arc<str> = name.into();
+    let mut offered_at = OBSERVATION_CHUNK;
     let report = decode(&mut |ev| {
         rules.evaluate(ev, name, &mut findings);
         if with_baselines {
             observations.extend(baseline::observe(ev, &file));
+            if observations.len() >= offered_at {
+                flush(&mut observations);
+                offered_at = observations.len() + OBSERVATION_CHUNK;
+            }
         }
     });
     observations.sort_by_key(|o| o.time);
@@ -185,6 +211,13 @@ pub fn analyze(
 }
 
 type WorkerResult = (usize, FileReport, Vec<Finding>, Vec<Observation>);
+
+/// What workers send the collector: a file's observations in advance (only for the file
+/// the collector is waiting for, so they are used at once), then the file's result.
+enum WorkerMsg {
+    Chunk(usize, Vec<Observation>),
+    Done(WorkerResult),
+}
 
 /// Replays `files` through `rules` and (when enabled) the baseline detectors, whose state
 /// lives in `store`. Files are decoded in parallel and analyzed for baselines in order
@@ -214,7 +247,7 @@ pub fn replay(
     let mut activity = None;
     let mut timeline = None;
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel::<WorkerResult>(jobs * 4);
+        let (tx, rx) = mpsc::sync_channel::<WorkerMsg>(jobs * 4);
         let track = opts.track_activity;
         let mut workers = Vec::new();
         for _ in 0..jobs {
@@ -231,55 +264,67 @@ pub fn replay(
                     let name = file.name();
                     let s3 = opts.s3.as_ref();
                     let lookup = opts.lookup.as_ref();
-                    let a = analyze(rules, &name, with_baselines, |on_event| {
-                        let mut each = |ev: &crate::event::Event<'_>| {
-                            if track {
-                                act.observe(ev);
-                            }
-                            if with_timeline {
-                                tl.observe(ev);
-                            }
-                            on_event(ev);
-                        };
-                        match file {
-                            LogInput::Local(f) => decoder.decode_file(&f.path, &mut each),
-                            LogInput::S3(obj) => match s3.map(|r| r.get(obj)) {
-                                Some(Ok(bytes)) => decoder.decode_bytes(
-                                    &bytes,
-                                    obj.key.ends_with(".gz"),
-                                    &mut each,
-                                ),
-                                Some(Err(e)) => crate::decode::failure(e.to_string()),
-                                None => crate::decode::failure(
-                                    "no S3 client for this replay".to_string(),
-                                ),
-                            },
-                            LogInput::Api(slice) => match lookup.map(|r| r.fetch(slice)) {
-                                Some(Ok((doc, bad))) => {
-                                    let mut report = decoder.decode_bytes(&doc, false, &mut each);
-                                    if bad > 0 {
-                                        report.problems.push(
-                                            crate::decode::DecodeProblem::InvalidJson {
+                    let chunk_tx = tx.clone();
+                    let mut flush = |obs: &mut Vec<Observation>| {
+                        if dispatch.needed() == i {
+                            obs.sort_by_key(|o| o.time);
+                            let _ = chunk_tx.send(WorkerMsg::Chunk(i, std::mem::take(obs)));
+                        }
+                    };
+                    let a =
+                        analyze_streaming(rules, &name, with_baselines, &mut flush, |on_event| {
+                            let mut each = |ev: &crate::event::Event<'_>| {
+                                if track {
+                                    act.observe(ev);
+                                }
+                                if with_timeline {
+                                    tl.observe(ev);
+                                }
+                                on_event(ev);
+                            };
+                            match file {
+                                LogInput::Local(f) => decoder.decode_file(&f.path, &mut each),
+                                LogInput::S3(obj) => match s3.map(|r| r.get(obj)) {
+                                    Some(Ok(bytes)) => decoder.decode_bytes(
+                                        &bytes,
+                                        obj.key.ends_with(".gz"),
+                                        &mut each,
+                                    ),
+                                    Some(Err(e)) => crate::decode::failure(e.to_string()),
+                                    None => crate::decode::failure(
+                                        "no S3 client for this replay".to_string(),
+                                    ),
+                                },
+                                LogInput::Api(slice) => match lookup.map(|r| r.fetch(slice)) {
+                                    Some(Ok((doc, bad))) => {
+                                        let mut report =
+                                            decoder.decode_bytes(&doc, false, &mut each);
+                                        if bad > 0 {
+                                            report
+                                                .problems
+                                                .push(crate::decode::DecodeProblem::InvalidJson {
                                                 count: bad,
                                                 first:
                                                     "a CloudTrailEvent that is not a JSON object"
                                                         .into(),
-                                            },
-                                        );
+                                            });
+                                        }
+                                        report
                                     }
-                                    report
+                                    Some(Err(e)) => crate::decode::failure(e.to_string()),
+                                    None => crate::decode::failure(
+                                        "no CloudTrail client for this replay".to_string(),
+                                    ),
+                                },
+                                LogInput::Memory { bytes, .. } => {
+                                    decoder.decode_bytes(bytes, false, &mut each)
                                 }
-                                Some(Err(e)) => crate::decode::failure(e.to_string()),
-                                None => crate::decode::failure(
-                                    "no CloudTrail client for this replay".to_string(),
-                                ),
-                            },
-                            LogInput::Memory { bytes, .. } => {
-                                decoder.decode_bytes(bytes, false, &mut each)
                             }
-                        }
-                    });
-                    if tx.send((i, a.report, a.findings, a.observations)).is_err() {
+                        });
+                    if tx
+                        .send(WorkerMsg::Done((i, a.report, a.findings, a.observations)))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -288,6 +333,10 @@ pub fn replay(
         }
         drop(tx);
         let mut pending: BTreeMap<usize, WorkerResult> = BTreeMap::new();
+        let mut chunks: BTreeMap<usize, Vec<Vec<Observation>>> = BTreeMap::new();
+        // The file whose observations are being learned, and whether the ledger says it
+        // was learned before (then its observations are skipped).
+        let mut learning: Option<(usize, bool)> = None;
         let mut ledger: Vec<String> = Vec::new();
         let mut last_commit = Instant::now();
         let mut needed = 0;
@@ -299,9 +348,45 @@ pub fn replay(
                 stats.duplicate_findings += 1;
             }
         };
-        for result in rx {
-            pending.insert(result.0, result);
-            while let Some((i, report, found, observed)) = pending.remove(&needed) {
+        for msg in rx {
+            match msg {
+                WorkerMsg::Chunk(i, obs) => chunks.entry(i).or_default().push(obs),
+                WorkerMsg::Done(result) => {
+                    pending.insert(result.0, result);
+                }
+            }
+            // Observations sent ahead for the file being waited for.
+            if let (Some(list), Some(det), None) =
+                (chunks.get_mut(&needed), detector.as_mut(), failure.as_ref())
+            {
+                for obs in std::mem::take(list) {
+                    let key = files[needed].ledger_key();
+                    let mut step = || -> Result<(), StoreError> {
+                        let skip = match learning {
+                            Some((f, skip)) if f == needed => skip,
+                            _ => store.ledger_contains(&key)?,
+                        };
+                        learning = Some((needed, skip));
+                        if !skip {
+                            for f in observe_batch(det, store, &obs, !opts.learn_only)? {
+                                emit(f, &mut stats, &mut findings);
+                            }
+                        }
+                        Ok(())
+                    };
+                    if let Err(e) = step() {
+                        failure = Some(e);
+                        dispatch.stop();
+                    }
+                }
+            }
+            while let Some((i, report, found, mut observed)) = pending.remove(&needed) {
+                // Chunks are used as they arrive; any still here precede the rest.
+                if let Some(list) = chunks.remove(&i) {
+                    let mut early: Vec<Observation> = list.into_iter().flatten().collect();
+                    early.append(&mut observed);
+                    observed = early;
+                }
                 needed += 1;
                 dispatch.advance(needed);
                 bytes_done += files[i].size();
@@ -321,14 +406,17 @@ pub fn replay(
                 if let (Some(det), None) = (detector.as_mut(), failure.as_ref()) {
                     let key = files[i].ledger_key();
                     let mut step = || -> Result<(), StoreError> {
-                        match learn(det, store, &key, &observed, !opts.learn_only)? {
-                            Some(anomalies) => {
-                                ledger.push(key.clone());
-                                for f in anomalies {
-                                    emit(f, &mut stats, &mut findings);
-                                }
+                        let skip = match learning.take() {
+                            Some((f, skip)) if f == i => skip,
+                            _ => store.ledger_contains(&key)?,
+                        };
+                        if skip {
+                            stats.files_already_learned += 1;
+                        } else {
+                            for f in observe_batch(det, store, &observed, !opts.learn_only)? {
+                                emit(f, &mut stats, &mut findings);
                             }
-                            None => stats.files_already_learned += 1,
+                            ledger.push(key.clone());
                         }
                         // Commit every second (or 4096 files): a batch's ledger entries
                         // and the baselines its files changed land together or not at
@@ -431,6 +519,16 @@ pub fn learn(
     if store.ledger_contains(ledger_key)? {
         return Ok(None);
     }
+    observe_batch(det, store, observed, report).map(Some)
+}
+
+/// Observations through the detectors, loading baselines from the store as needed.
+fn observe_batch(
+    det: &mut Detector,
+    store: &Store,
+    observed: &[Observation],
+    report: bool,
+) -> Result<Vec<Finding>, StoreError> {
     let mut out = Vec::new();
     for o in observed {
         if !det.is_cached(o.principal()) {
@@ -441,7 +539,7 @@ pub fn learn(
         }
         out.extend(det.observe(o, report));
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 /// The dirty baselines of `det`, serialized for a `Commit`.
