@@ -39,6 +39,8 @@ pub struct RawConfig {
     pub baseline: BaselineConfig,
     #[serde(default)]
     pub daemon: RawDaemon,
+    #[serde(default)]
+    pub alerts: RawAlerts,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -85,6 +87,25 @@ pub struct RawSinks {
     pub file: Vec<RawFileSink>,
     #[serde(default)]
     pub archive: Vec<RawArchiveSink>,
+    /// Alert channels (docs/alerts.md): the same tables as `kmsguard alerts --config`.
+    #[serde(default)]
+    pub email: Vec<crate::act::config::EmailSink>,
+    #[serde(default)]
+    pub webhook: Vec<crate::act::config::WebhookSink>,
+}
+
+/// `[alerts]`: how the daemon delivers to alert channels (docs/alerts.md, "The daemon").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// How long an alert is retried before it is parked (default "1h").
+    pub park_after: Option<String>,
+}
+
+/// Validated `[alerts]` settings.
+#[derive(Debug, Clone)]
+pub struct AlertsSettings {
+    pub park_after: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,6 +325,9 @@ pub struct Config {
     pub sqs: Vec<SqsSourceConfig>,
     pub file_sinks: Vec<FileSinkConfig>,
     pub archive_sinks: Vec<ArchiveSinkConfig>,
+    /// Alert channels (`[[sinks.email]]`, `[[sinks.webhook]]`), secrets not loaded yet.
+    pub alert_channels: Vec<crate::act::config::ChannelConfig>,
+    pub alerts: AlertsSettings,
     pub metrics_listen: Option<SocketAddr>,
     pub baseline: BaselineConfig,
     pub files_in_flight: usize,
@@ -410,9 +434,41 @@ impl Config {
             }
             archive_sinks.push(c);
         }
-        if file_sinks.is_empty() && archive_sinks.is_empty() {
-            problems.push("no sink: add [[sinks.file]] path = \"/var/lib/kmsguard/findings.jsonl\" so findings go somewhere".into());
+        let channels = crate::act::config::AlertSinks {
+            email: raw.sinks.email.clone(),
+            webhook: raw.sinks.webhook.clone(),
+        };
+        let alert_channels = match channels.validate() {
+            Ok(c) => c,
+            Err(e) => {
+                // Each line names its key, e.g. `sinks.email[0].to: names no recipient; ...`.
+                problems.extend(e.to_string().lines().map(str::to_string));
+                Vec::new()
+            }
+        };
+        if file_sinks.is_empty()
+            && archive_sinks.is_empty()
+            && raw.sinks.email.is_empty()
+            && raw.sinks.webhook.is_empty()
+        {
+            problems.push("no sink: add [[sinks.file]] path = \"/var/lib/kmsguard/findings.jsonl\" (or an alert channel, docs/alerts.md) so findings go somewhere".into());
         }
+        let park_after = match raw.alerts.park_after.as_deref() {
+            None => std::time::Duration::from_secs(3600),
+            Some(s) => match crate::act::clock::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problems.push(
+                        "[alerts] park_after = \"0s\": use a time above 0, e.g. \"1h\"".into(),
+                    );
+                    std::time::Duration::from_secs(3600)
+                }
+                Err(m) => {
+                    problems.push(format!("[alerts] park_after: {m}"));
+                    std::time::Duration::from_secs(3600)
+                }
+            },
+        };
         let metrics_listen = match raw.metrics.listen.as_deref() {
             None => None,
             Some(s) => match s.parse::<SocketAddr>() {
@@ -464,6 +520,8 @@ impl Config {
             sqs,
             file_sinks,
             archive_sinks,
+            alert_channels,
+            alerts: AlertsSettings { park_after },
             metrics_listen,
             baseline: raw.baseline.clone(),
             files_in_flight,

@@ -18,11 +18,14 @@
 
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod dispatch;
 pub mod email;
+pub mod queue;
 pub mod render;
 pub mod route;
 pub mod secret;
+pub mod sink;
 pub mod webhook;
 
 use crate::analyze::finding::{Finding, Kind, Severity};
