@@ -641,4 +641,38 @@ listen = "127.0.0.1:9464"
             .to_string();
         assert!(e.contains("unknown field `sate`"), "{e}");
     }
+
+    const BASE: &str = "[state]\ndir = \"/var/lib/kmsguard\"\n[[sources.sqs]]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/111122223333/q\"\n";
+
+    #[test]
+    fn alert_channels_are_sinks_of_their_own() {
+        let text = format!("{BASE}[alerts]\npark_after = \"30m\"\n[[sinks.email]]\nname = \"mail\"\nhost = \"127.0.0.1\"\nfrom = \"k@example.com\"\nto = [\"a@example.com\"]\n[[sinks.webhook]]\nname = \"pager\"\nformat = \"pagerduty\"\nurl = \"https://events.pagerduty.com/v2/enqueue\"\nrouting_key_env = \"PD\"\n");
+        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
+        assert!(c.file_sinks.is_empty(), "channels alone are enough");
+        let names: Vec<&str> = c.alert_channels.iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["mail", "pager"]);
+        assert_eq!(c.alerts.park_after, std::time::Duration::from_secs(1800));
+        let d = Config::parse(BASE, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(d.contains("no sink"), "{d}");
+    }
+
+    #[test]
+    fn alert_channel_problems_name_the_key() {
+        let text = format!("{BASE}[alerts]\npark_after = \"0s\"\n[[sinks.webhook]]\nname = \"w\"\nurl = \"https://h.example.com/x\"\nsecret = \"inline\"\n");
+        let e = Config::parse(&text, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[alerts] park_after = \"0s\""), "{e}");
+        assert!(
+            e.contains("sinks.webhook[0].secret: secrets are not accepted"),
+            "{e}"
+        );
+        assert!(!e.contains("inline"), "the secret is not repeated: {e}");
+        let e = Config::parse(&format!("{BASE}[alerts]\nretry = 1\n"), Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `retry`"), "{e}");
+    }
 }

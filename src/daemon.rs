@@ -197,6 +197,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         )?;
         sink_list.push(Sink::Alerts(Arc::new(alerts)));
     }
+    let names: Vec<String> = cfg
+        .alert_channels
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    for (channel, n) in crate::act::queue::orphans(&store, &names)? {
+        warn!(channel, alerts = n, "alerts wait for a channel that is not configured (renamed or removed?); they are kept until it is configured again");
+    }
     let sinks: Arc<Vec<Sink>> = Arc::new(sink_list);
     let shared = Arc::new(Shared {
         rules: RwLock::new(Arc::new(rules)),

@@ -178,6 +178,22 @@ pub fn depths(store: &Store, channel: &str) -> Result<(usize, usize, Option<u64>
     Ok((queued, parked, oldest))
 }
 
+/// Channels with queued or parked alerts that are not in `configured` (renamed or
+/// removed from the config): their alerts wait until the channel is configured again.
+pub fn orphans(store: &Store, configured: &[String]) -> Result<Vec<(String, usize)>, StoreError> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for p in pending(store)? {
+        if configured.contains(&p.channel) {
+            continue;
+        }
+        match out.last_mut() {
+            Some((c, n)) if *c == p.channel => *n += 1,
+            _ => out.push((p.channel, 1)),
+        }
+    }
+    Ok(out)
+}
+
 /// What a channel's delivery task needs.
 pub struct ChannelTask {
     pub store: Store,

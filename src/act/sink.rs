@@ -218,3 +218,98 @@ fn stored_version(store: &Store) -> Result<u64, StoreError> {
         .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
         .unwrap_or(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::act::config::AlertsFile;
+    use crate::outbox;
+    use std::time::Duration;
+
+    fn channels() -> Vec<ChannelConfig> {
+        let text = "[[sinks.webhook]]\nname = \"hook\"\nurl = \"http://127.0.0.1:9/h\"\nsecret_env = \"S\"\ngroup_by = [\"rule\"]\ngroup_wait = \"1m\"\n";
+        let f: AlertsFile = toml::from_str(text).unwrap();
+        f.sinks.validate().unwrap()
+    }
+
+    fn finding(id: &str) -> Finding {
+        let mut f = queue::parked_finding("x", id, 0);
+        f.id = id.to_string();
+        f.rule = "r".into();
+        f.file = String::new();
+        f
+    }
+
+    fn open(store: &Store) -> AlertsSink {
+        AlertsSink::open(
+            store.clone(),
+            channels(),
+            Descriptions::new(),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap()
+    }
+
+    fn commit(store: &Store, d: Delivery) {
+        outbox::delivered(store, &[], Vec::new(), &[], d.state).unwrap();
+    }
+
+    fn queued(store: &Store) -> Vec<QueuedAlert> {
+        queue::pending(store)
+            .unwrap()
+            .into_iter()
+            .map(|p| {
+                let v = store
+                    .tree(QUEUE_TREE)
+                    .unwrap()
+                    .get(&p.key)
+                    .unwrap()
+                    .unwrap();
+                decode(QUEUE_TREE, &p.key, &v).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn group_state_survives_a_restart_and_a_lost_commit_is_not_counted() {
+        let store = Store::temporary().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_790_000_000);
+        let sink = open(&store);
+        let d = sink.deliver(&[finding("a"), finding("b")], t0).unwrap();
+        assert_eq!(d.accepted, 2);
+        assert!(!d.state.is_empty(), "the router state changed");
+        commit(&store, d);
+        // A batch whose commit never happens (a crash, a store error)...
+        let lost = sink.deliver(&[finding("c")], t0).unwrap();
+        drop(lost);
+        // ...is not built upon: the next call reloads the committed state.
+        commit(&store, sink.deliver(&[finding("d")], t0).unwrap());
+        drop(sink);
+        // A restart: the group (3 committed findings) is still waiting for its alert.
+        let sink = open(&store);
+        assert!(queued(&store).is_empty());
+        assert!(!sink.tick_due(t0 + Duration::from_secs(59)));
+        assert!(sink.tick_due(t0 + Duration::from_secs(60)));
+        commit(
+            &store,
+            sink.deliver(&[], t0 + Duration::from_secs(60)).unwrap(),
+        );
+        let q = queued(&store);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].alert.group.count, 3, "a, b and d; not the lost c");
+        assert_eq!(q[0].alert.channel, "hook");
+        // Nothing more is due, and an idle tick writes nothing.
+        let d = sink.deliver(&[], t0 + Duration::from_secs(61)).unwrap();
+        assert!(d.state.is_empty());
+    }
+
+    #[test]
+    fn a_channels_own_parking_notice_does_not_go_back_to_it() {
+        let store = Store::temporary().unwrap();
+        let sink = open(&store);
+        let mut f = queue::parked_finding("hook", "s", 0);
+        f.severity = crate::analyze::finding::Severity::Critical;
+        assert!(!sink.accepts(&f));
+        assert!(sink.accepts(&queue::parked_finding("mail", "s", 0)));
+    }
+}
