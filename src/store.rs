@@ -4,6 +4,8 @@
 //! trees other modules ask for by name (`tree`). A file's effects (its ledger entry, the
 //! baselines it changed, the findings it produced) are committed in one transaction, so
 //! a crash never leaves half-applied state and a redelivered file is never counted twice.
+//! A `Commit` may also write other modules' trees (`StateWrite`), so a sink's own state
+//! changes in the transaction that removes what it consumed from the outbox.
 
 use serde::{de::DeserializeOwned, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
