@@ -363,10 +363,10 @@ async fn smtp_down_then_up_and_a_webhook_500_then_200_deliver_every_alert_once()
         metric(port, "kmsguard_alerts_failed_total{channel=\"mail\"}") >= 3.0
     })
     .await;
-    assert_eq!(
-        metric(port, "kmsguard_alerts_queued{channel=\"mail\"}"),
-        5.0
-    );
+    wait_until("5 alerts queued for mail", Duration::from_secs(30), || {
+        metric(port, "kmsguard_alerts_queued{channel=\"mail\"}") == 5.0
+    })
+    .await;
     assert!(metric(port, "kmsguard_alerts_outbox_age_seconds{channel=\"mail\"}") > 0.0);
     // The relay comes back.
     let smtp = Smtp::start(smtp_port, &work.path().join("mail"), None);
@@ -635,9 +635,12 @@ async fn parked_alerts_raise_a_health_finding_and_retry_requeues_them() {
         .as_str()
         .unwrap()
         .contains("KMS key disabled"));
-    let o = alerts_cmd(&["pending"], &cfg);
-    assert_eq!(o.status.code(), Some(0));
-    assert!(jsonl(&stdout(&o)).is_empty());
+    // The entry leaves the queue just after the relay's 250.
+    wait_until("an empty queue", Duration::from_secs(10), || {
+        let o = alerts_cmd(&["pending"], &cfg);
+        o.status.code() == Some(0) && jsonl(&stdout(&o)).is_empty()
+    })
+    .await;
     // `alerts test` takes the daemon's config too.
     let o = alerts_cmd(&["test", "mail"], &cfg);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
