@@ -931,6 +931,9 @@ fn analyze_job(
     };
     let n_outbox = commit.outbox.len() as i64;
     shared.store.commit(&commit)?;
+    // Durable before the SQS message is deleted: sled writes its log to the file only
+    // every 500 ms, and a kill -9 in between would lose a file whose message is gone.
+    shared.store.flush()?;
     for sink in shared.sinks.iter() {
         sink.note_committed(&findings);
     }

@@ -155,6 +155,8 @@ pub fn retry(store: &Store, channel: Option<&str>, now: SystemTime) -> Result<us
         state,
         ..Commit::default()
     })?;
+    // The operator is told they are re-queued: make it so before answering.
+    store.flush()?;
     Ok(parked.len())
 }
 
@@ -277,10 +279,13 @@ pub async fn run_channel(task: ChannelTask, mut shutdown: watch::Receiver<bool>)
         let done = unix_ms(SystemTime::now());
         match result {
             Ok(d) => {
+                // Flushed at once: a kill -9 in sled's 500 ms write-back window would
+                // otherwise bring back (and send again) alerts already accepted.
                 if let Err(e) = task
                     .store
                     .tree(QUEUE_TREE)
                     .and_then(|t| t.remove(key.as_bytes()).map(|_| ()).map_err(Into::into))
+                    .and_then(|()| task.store.flush())
                 {
                     warn!(channel = name, error = %e, "delivered, but cannot remove it from the queue: it may be sent again (same id)");
                     task.metrics.error("alert-queue");
@@ -401,6 +406,7 @@ impl ChannelTask {
             state,
             ..Commit::default()
         })?;
+        self.store.flush()?;
         warn!(
             channel = name,
             alerts = n,
