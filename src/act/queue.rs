@@ -216,12 +216,17 @@ pub async fn run_channel(task: ChannelTask, mut shutdown: watch::Receiver<bool>)
     let name = task.channel.name().to_string();
     let prefix = format!("{name}/");
     let mut jitter = Jitter::from_clock();
+    let mut gauges_at: Option<tokio::time::Instant> = None;
     loop {
         let stopping = *shutdown.borrow();
         let notified = task.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        task.update_gauges(&name);
+        // Counting the queue is a scan: at most once a second, not once per alert.
+        if gauges_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            task.update_gauges(&name);
+            gauges_at = Some(tokio::time::Instant::now());
+        }
         let head = match task.store.tree(QUEUE_TREE).and_then(|t| {
             t.scan_prefix(prefix.as_bytes())
                 .next()
