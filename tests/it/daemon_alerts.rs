@@ -820,3 +820,58 @@ async fn control_characters_in_a_log_make_a_safe_email() {
     assert!(!text.contains('\0') && !text.contains("\r\nBcc"), "{text}");
     assert!(text.contains("\\r\\nBcc"), "shown escaped: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_alert_is_parked_at_once_and_not_retried() {
+    let trail = Trail::new().await;
+    let work = tempfile::tempdir().unwrap();
+    let strict = Receiver::start(&[400]);
+    let ops = Receiver::start(&[]);
+    let port = free_port();
+    let secret = work.path().join("hmac");
+    let channels = [
+        webhook("strict", &strict.url("/s"), &secret, "group_wait = \"0s\""),
+        webhook(
+            "ops",
+            &ops.url("/o"),
+            &secret,
+            "group_wait = \"0s\"\ninclude_rules = [\"health-*\"]",
+        ),
+    ]
+    .concat();
+    let cfg = config(&trail, work.path(), port, &channels, "park_after = \"1h\"");
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+    put(
+        &trail,
+        "f",
+        &[kms("ev-400", "DisableKey", "admin", "key-400")],
+    )
+    .await;
+    wait_until("the health alert on ops", Duration::from_secs(60), || {
+        !ops.on("/o").is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let parked = metric(port, "kmsguard_alerts_parked_total{channel=\"strict\"}");
+    stop(&mut daemon);
+    assert_eq!(strict.on("/s").len(), 1, "a 400 is not retried");
+    assert_eq!(parked, 1.0);
+    let health = ops.on("/o")[0].json();
+    assert_eq!(health["alert"]["finding"]["rule"], "health-alerts-parked");
+    let summary = health["alert"]["finding"]["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("channel strict") && summary.contains("refused"),
+        "{summary}"
+    );
+    let o = alerts_cmd(&["pending"], &cfg);
+    assert_eq!(o.status.code(), Some(1));
+    let p = jsonl(&stdout(&o));
+    assert_eq!(p.len(), 1);
+    assert!(
+        p[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("permanent"),
+        "{p:?}"
+    );
+}
