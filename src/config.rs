@@ -642,17 +642,17 @@ listen = "127.0.0.1:9464"
         assert!(e.contains("unknown field `sate`"), "{e}");
     }
 
-    const BASE: &str = "[state]\ndir = \"/var/lib/kmsguard\"\n[[sources.sqs]]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/111122223333/q\"\n";
+    const ALERTS_BASE: &str = "[state]\ndir = \"/var/lib/kmsguard\"\n[[sources.sqs]]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/111122223333/q\"\n";
 
     #[test]
     fn alert_channels_are_sinks_of_their_own() {
-        let text = format!("{BASE}[alerts]\npark_after = \"30m\"\n[[sinks.email]]\nname = \"mail\"\nhost = \"127.0.0.1\"\nfrom = \"k@example.com\"\nto = [\"a@example.com\"]\n[[sinks.webhook]]\nname = \"pager\"\nformat = \"pagerduty\"\nurl = \"https://events.pagerduty.com/v2/enqueue\"\nrouting_key_env = \"PD\"\n");
+        let text = format!("{ALERTS_BASE}[alerts]\npark_after = \"30m\"\n[[sinks.email]]\nname = \"mail\"\nhost = \"127.0.0.1\"\nfrom = \"k@example.com\"\nto = [\"a@example.com\"]\n[[sinks.webhook]]\nname = \"pager\"\nformat = \"pagerduty\"\nurl = \"https://events.pagerduty.com/v2/enqueue\"\nrouting_key_env = \"PD\"\n");
         let c = Config::parse(&text, Path::new("k.toml")).unwrap();
         assert!(c.file_sinks.is_empty(), "channels alone are enough");
         let names: Vec<&str> = c.alert_channels.iter().map(|c| c.name()).collect();
         assert_eq!(names, ["mail", "pager"]);
         assert_eq!(c.alerts.park_after, std::time::Duration::from_secs(1800));
-        let d = Config::parse(BASE, Path::new("k.toml"))
+        let d = Config::parse(ALERTS_BASE, Path::new("k.toml"))
             .unwrap_err()
             .to_string();
         assert!(d.contains("no sink"), "{d}");
@@ -660,7 +660,7 @@ listen = "127.0.0.1:9464"
 
     #[test]
     fn alert_channel_problems_name_the_key() {
-        let text = format!("{BASE}[alerts]\npark_after = \"0s\"\n[[sinks.webhook]]\nname = \"w\"\nurl = \"https://h.example.com/x\"\nsecret = \"inline\"\n");
+        let text = format!("{ALERTS_BASE}[alerts]\npark_after = \"0s\"\n[[sinks.webhook]]\nname = \"w\"\nurl = \"https://h.example.com/x\"\nsecret = \"inline\"\n");
         let e = Config::parse(&text, Path::new("k.toml"))
             .unwrap_err()
             .to_string();
@@ -670,9 +670,12 @@ listen = "127.0.0.1:9464"
             "{e}"
         );
         assert!(!e.contains("inline"), "the secret is not repeated: {e}");
-        let e = Config::parse(&format!("{BASE}[alerts]\nretry = 1\n"), Path::new("k.toml"))
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            &format!("{ALERTS_BASE}[alerts]\nretry = 1\n"),
+            Path::new("k.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unknown field `retry`"), "{e}");
     }
 }
