@@ -48,6 +48,22 @@ pub enum Command {
     /// Show, export or forget what kmsguard believes is normal per principal.
     #[command(subcommand)]
     Baseline(BaselineCommand),
+    /// Show what automatic remediation would do for one finding of the daemon (read-only:
+    /// only state reads are sent to KMS).
+    #[command(
+        after_help = "Examples:\n  kmsguard remediate --dry-run 3f2a9c0e1b7d4e5f8a6b0c1d2e3f4a5b --config /etc/kmsguard/kmsguard.toml\n\nThe finding is looked up by id in the config's [[sinks.file]] JSON Lines files. The plan is\nprinted as one `kind: \"remediation\"` finding (JSON). See docs/remediation.md.\nExit codes: 0 plan shown; 2 bad config, finding not found, or no --dry-run."
+    )]
+    Remediate {
+        /// Show the plan only (required: enforcement runs in the daemon, with its rate
+        /// limit and circuit breaker).
+        #[arg(long)]
+        dry_run: bool,
+        /// The finding's `id`.
+        #[arg(value_name = "FINDING_ID")]
+        finding_id: String,
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Send alerts through the channels of a config file: a test alert, or findings.
     #[command(subcommand)]
     Alerts(AlertsCommand),
@@ -110,7 +126,8 @@ pub struct ReplayArgs {
     /// Rules only: no baselines, no anomaly findings.
     #[arg(long, conflicts_with_all = ["state", "learn_only"])]
     pub no_baselines: bool,
-    /// Configuration file; replay uses its [baseline] section (detector settings).
+    /// Configuration file; replay uses its [baseline] section (detector settings), and
+    /// with --remediate its [remediation] and [aws] sections.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Write findings to FILE instead of stdout.
@@ -137,6 +154,11 @@ pub struct ReplayArgs {
     /// last showed each key, for `kmsguard posture --state` (a second read of the files).
     #[arg(long)]
     pub enrich: bool,
+    /// Run automatic remediation ([remediation] of --config, in its mode) on findings of
+    /// events newer than its max_event_age_secs; the remediation findings are output
+    /// with the others. Without this flag replay never calls anything that changes state.
+    #[arg(long, requires = "config")]
+    pub remediate: bool,
     /// Largest decompressed size of one file, in bytes.
     #[arg(long, default_value_t = 4 << 30, value_name = "BYTES")]
     pub max_file_bytes: u64,

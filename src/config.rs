@@ -41,6 +41,8 @@ pub struct RawConfig {
     pub daemon: RawDaemon,
     #[serde(default)]
     pub alerts: RawAlerts,
+    /// Automatic remediation (docs/remediation.md); absent: none.
+    pub remediation: Option<crate::remediate::RawRemediation>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -336,6 +338,8 @@ pub struct Config {
     pub on_permanent_error: OnPermanent,
     pub max_object_bytes: u64,
     pub transient_retries: u32,
+    /// `[remediation]`, when present.
+    pub remediation: Option<crate::remediate::RemediationConfig>,
 }
 
 /// The region in an SQS queue URL (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`).
@@ -504,6 +508,10 @@ impl Config {
                 "[daemon] files_in_flight = {files_in_flight}: use 1 to 256"
             ));
         }
+        let remediation = raw
+            .remediation
+            .as_ref()
+            .map(|r| crate::remediate::RemediationConfig::from_raw(r, &mut problems));
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { path: p, problems });
         }
@@ -530,6 +538,7 @@ impl Config {
             on_permanent_error,
             max_object_bytes: d.max_object_bytes.unwrap_or(1 << 30),
             transient_retries: d.transient_retries.unwrap_or(4),
+            remediation,
         })
     }
 }

@@ -117,6 +117,8 @@ pub fn health(rule: &str, severity: Severity, subject: &str, summary: String) ->
         remediation: None,
         key_alias: None,
         key_tags: Default::default(),
+        context: Default::default(),
+        action: None,
     }
 }
 
@@ -174,6 +176,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 a.clone(),
                 &sdk,
                 &cfg.aws,
+            )))
+        }))
+        .chain(cfg.remediation.iter().map(|r| {
+            Sink::Remediate(Arc::new(crate::remediate::Engine::new(
+                r.clone(),
+                sdk.clone(),
+                Some(store.clone()),
             )))
         }))
         .collect();

@@ -4,7 +4,9 @@
 //! events, bounded and robust) -> `analyze` (rules and predicates to findings) ->
 //! `report` (how findings are shown) and `act` (alert channels: routing, email,
 //! webhooks). `pipeline` wires the stages for a replay.
-//! `event` is the contract between decode and analyze. See ARCHITECTURE.md.
+//! `event` is the contract between decode and analyze. `daemon` runs the service, whose
+//! findings leave through `outbox` sinks, one of which is `remediate` (KMS API fixes).
+//! See ARCHITECTURE.md.
 
 pub mod act;
 pub mod analyze;
@@ -18,6 +20,7 @@ pub mod inventory;
 pub mod outbox;
 pub mod pipeline;
 pub mod posture;
+pub mod remediate;
 pub mod report;
 pub mod source;
 pub mod store;

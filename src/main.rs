@@ -50,6 +50,11 @@ fn main() -> ExitCode {
         Command::Baseline(cmd) => baseline(cmd),
         Command::Run { config, log_format } => run_daemon(config, log_format),
         Command::CheckConfig { file } => check_config(file),
+        Command::Remediate {
+            dry_run,
+            finding_id,
+            config,
+        } => remediate_cmd(dry_run, &finding_id, &config),
         Command::Archive(cmd) => archive(cmd),
     };
     match result {
@@ -127,6 +132,11 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         let activity = outcome.activity.take();
         replay_inventory(&args, activity, &store, &mut outcome.findings)?;
     }
+    if args.remediate {
+        if let Some(cfg) = args.config.as_deref() {
+            replay_remediate(cfg, &store, &mut outcome.findings, args.quiet)?;
+        }
+    }
 
     let mut out: Box<dyn Write> = match &args.output {
         Some(p) => Box::new(std::io::BufWriter::new(
@@ -171,6 +181,115 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `[remediation]` and `[aws]` of a config file used by replay (other sections ignored).
+fn remediation_section(
+    path: &std::path::Path,
+) -> Result<(
+    kmsguard::remediate::RemediationConfig,
+    kmsguard::aws::AwsSettings,
+)> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        remediation: Option<kmsguard::remediate::RawRemediation>,
+        #[serde(default)]
+        aws: kmsguard::config::RawAws,
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let file: File =
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    let raw = file.remediation.with_context(|| {
+        format!(
+            "--remediate needs a [remediation] section in {} (see docs/remediation.md)",
+            path.display()
+        )
+    })?;
+    let mut problems = Vec::new();
+    let cfg = kmsguard::remediate::RemediationConfig::from_raw(&raw, &mut problems);
+    if !problems.is_empty() {
+        anyhow::bail!("{}: {}", path.display(), problems.join("; "));
+    }
+    let mut aws = kmsguard::aws::AwsSettings::from_env();
+    if file.aws.region.is_some() {
+        aws.region = file.aws.region;
+    }
+    if let Some(e) = file.aws.endpoint_url {
+        aws.endpoint_url = Some(e);
+    }
+    Ok((cfg, aws))
+}
+
+/// `replay --remediate`: the engine on findings of recent events only; the remediation
+/// findings join the output.
+fn replay_remediate(
+    config: &std::path::Path,
+    store: &Store,
+    findings: &mut Vec<Finding>,
+    quiet: bool,
+) -> Result<()> {
+    let (cfg, aws) = remediation_section(config)?;
+    let rt = runtime()?;
+    let sdk = rt.block_on(kmsguard::aws::sdk_config(&aws));
+    let max_age = cfg.max_event_age_secs as i64;
+    let engine = kmsguard::remediate::Engine::new(cfg, sdk, Some(store.clone()));
+    let now = inventory::now_secs();
+    let (mut old, mut done) = (0usize, Vec::new());
+    for f in findings.iter().filter(|f| engine.accepts(f)) {
+        let recent = inventory::parse_time(&f.time).is_some_and(|t| now - t <= max_age);
+        if !recent {
+            old += 1;
+            continue;
+        }
+        done.extend(rt.block_on(engine.handle(f)));
+    }
+    if !quiet {
+        eprintln!(
+            "note: --remediate: {} remediation finding(s); {old} finding(s) of events older than max_event_age_secs = {max_age} left alone",
+            done.len()
+        );
+    }
+    findings.extend(done);
+    Ok(())
+}
+
+/// `kmsguard remediate --dry-run ID --config FILE`: the plan for one finding of the daemon.
+fn remediate_cmd(dry_run: bool, id: &str, path: &std::path::Path) -> Result<ExitCode> {
+    if !dry_run {
+        anyhow::bail!("only --dry-run is supported here: enforcement runs in the daemon (`kmsguard run`), under its rate limit and circuit breaker");
+    }
+    let cfg = kmsguard::config::Config::load(path)?;
+    let rem = cfg.remediation.clone().with_context(|| {
+        format!(
+            "{} has no [remediation] section (see docs/remediation.md)",
+            path.display()
+        )
+    })?;
+    let paths: Vec<_> = cfg.file_sinks.iter().map(|s| s.path.clone()).collect();
+    let finding = kmsguard::remediate::find_in_jsonl(&paths, id)
+        .context("cannot read the file sinks")?
+        .with_context(|| {
+            format!(
+                "no finding with id {id} in {}",
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    let rt = runtime()?;
+    let sdk = rt.block_on(kmsguard::aws::sdk_config(&cfg.aws));
+    // The daemon may hold the store's lock: the plan goes without the inventory cache
+    // when it cannot be opened.
+    let store = Store::open(&cfg.state_dir).ok();
+    let engine = kmsguard::remediate::Engine::new(rem, sdk, store);
+    let out =
+        rt.block_on(engine.handle_with_mode(&finding, Some(kmsguard::remediate::Mode::DryRun)));
+    let mut stdout = std::io::stdout().lock();
+    report::write_jsonl(&mut stdout, &out)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -47,6 +47,9 @@ pub enum Sink {
     /// Email and webhook channels: routes findings into the durable alert queue
     /// (`act::sink`), from which `act::queue::run_channel` tasks deliver.
     Alerts(Arc<crate::act::sink::AlertsSink>),
+    /// Runs automatic remediation (`src/remediate.rs`) on findings whose rule has a
+    /// remediation hint; answers with the `kind: "remediation"` findings as follow-ups.
+    Remediate(Arc<crate::remediate::Engine>),
 }
 
 impl Sink {
@@ -55,6 +58,7 @@ impl Sink {
             Sink::File(f) => format!("file:{}", f.path.display()),
             Sink::Archive(a) => a.name(),
             Sink::Alerts(a) => format!("alerts:{}", a.channel_names().join(",")),
+            Sink::Remediate(_) => "remediate".into(),
         }
     }
 
@@ -73,6 +77,7 @@ impl Sink {
             Sink::File(c) => f.severity >= c.min_severity,
             Sink::Archive(a) => a.accepts(f),
             Sink::Alerts(a) => a.accepts(f),
+            Sink::Remediate(e) => e.accepts(f),
         }
     }
 
@@ -80,7 +85,7 @@ impl Sink {
     /// output, e.g. a group whose wait is over).
     pub fn tick_due(&self, now: std::time::SystemTime) -> bool {
         match self {
-            Sink::File(_) | Sink::Archive(_) => false,
+            Sink::File(_) | Sink::Archive(_) | Sink::Remediate(_) => false,
             Sink::Alerts(a) => a.tick_due(now),
         }
     }
@@ -124,6 +129,19 @@ impl Sink {
             }
             Sink::Archive(a) => a.deliver(batch).await,
             Sink::Alerts(a) => a.deliver(batch, std::time::SystemTime::now()),
+            // Never an error: a failed remediation is reported as a finding, and
+            // retrying the batch would act twice (the engine reads state first anyway).
+            Sink::Remediate(engine) => {
+                let mut follow_ups = Vec::new();
+                for f in batch {
+                    follow_ups.extend(engine.handle(f).await);
+                }
+                Ok(Delivery {
+                    accepted: batch.len(),
+                    follow_ups,
+                    ..Delivery::default()
+                })
+            }
         }
     }
 }

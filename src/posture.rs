@@ -298,6 +298,8 @@ fn finding(c: &Check, rec: &KeyRecord, summary: String) -> Finding {
         remediation: Some(c.remediation.to_string()),
         key_alias: None,
         key_tags: Default::default(),
+        context: Default::default(),
+        action: None,
     };
     inventory::apply(&mut f, rec);
     f

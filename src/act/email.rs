@@ -415,6 +415,8 @@ mod tests {
             remediation: None,
             key_alias: None,
             key_tags: Default::default(),
+            context: Default::default(),
+            action: None,
         };
         Alert::single("mail", f)
     }

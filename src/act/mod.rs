@@ -228,6 +228,8 @@ pub(crate) fn synthetic(
         remediation: None,
         key_alias: None,
         key_tags: Default::default(),
+        context: Default::default(),
+        action: None,
     }
 }
 

@@ -868,6 +868,8 @@ impl Detector {
                     remediation: None,
                     key_alias: None,
                     key_tags: Default::default(),
+                    context: Default::default(),
+                    action: None,
                 });
             }
         }
@@ -926,6 +928,8 @@ impl Detector {
             remediation: None,
             key_alias: None,
             key_tags: Default::default(),
+            context: Default::default(),
+            action: None,
         }
     }
 }

@@ -73,6 +73,9 @@ pub enum Kind {
     Health,
     /// `kmsguard posture` found a key configured against KMS best practice.
     Posture,
+    /// What automatic remediation planned, did, skipped or failed to do about another
+    /// finding (`src/remediate.rs`); the details are in `action`.
+    Remediation,
 }
 
 /// One finding. Field names are a public contract (see README, "Finding format").
@@ -108,6 +111,76 @@ pub struct Finding {
     /// The tags of the finding's key, from the key inventory.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub key_tags: BTreeMap<String, String>,
+    /// Values the rule captured from the event (its `capture` list of dotted paths, e.g.
+    /// `responseElements.grantId`), so a remediation can be computed from the finding.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub context: BTreeMap<String, String>,
+    /// For `kind: "remediation"`: what was planned or done, the API calls and the key's
+    /// state before and after.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub action: Option<ActionReport>,
+}
+
+/// What happened to a remediation: a contract like the rest of the finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionOutcome {
+    /// Dry-run: what enforce mode would do; nothing that changes state was called.
+    Planned,
+    /// Every call succeeded.
+    Performed,
+    /// Nothing done, for the `reason` given (already fine, out of scope, rate limit ...).
+    Skipped,
+    /// A call failed after its retries.
+    Failed,
+}
+
+/// One KMS (or STS) call a remediation made or would make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiCallReport {
+    /// The operation, e.g. `CancelKeyDeletion`.
+    pub operation: String,
+    /// The main parameters (key id, grant id, rotation period ...), as text.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, String>,
+    /// Whether it was sent (false in dry-run and for calls after a failure).
+    pub sent: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub attempts: u32,
+}
+
+/// The details of a `kind: "remediation"` finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionReport {
+    /// The id of the finding that asked for the remediation.
+    pub trigger: String,
+    /// The rule of that finding.
+    pub trigger_rule: String,
+    /// The remediation hint (`enable-key`, `revoke-grant` ...).
+    pub action: String,
+    /// `off`, `dry-run` or `enforce`: the mode that applied.
+    pub mode: String,
+    pub outcome: ActionOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Changing calls, in order (reads are listed in `reads`).
+    pub calls: Vec<ApiCallReport>,
+    /// State reads made (DescribeKey, GetKeyRotationStatus, ListGrants ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reads: Vec<ApiCallReport>,
+    /// The key's state before (`key_state`, `rotation_enabled`, `grant_present` ...).
+    #[serde(default)]
+    pub before: BTreeMap<String, String>,
+    /// The key's state read again after the calls (enforce mode only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub after: BTreeMap<String, String>,
+    /// Milliseconds from the start of the remediation to the last changing call's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
 }
 
 /// The stable id of a finding raised by `rule` on `event_ids`.

@@ -170,6 +170,13 @@ fn allows_foreign_account(policy: &Json, own: &str) -> bool {
     })
 }
 
+/// Whether a key policy (JSON text) allows anyone (`*` without a restricting condition)
+/// or a principal of another account than `own_account`; None when it does not parse.
+pub fn policy_text_is_open(text: &str, own_account: &str) -> Option<bool> {
+    let p: Json = serde_json::from_str(text).ok()?;
+    Some(allows_public(&p) || allows_foreign_account(&p, own_account))
+}
+
 /// The account of an IAM principal: `arn:aws:iam::ACCOUNT:...`, `arn:aws:sts::ACCOUNT:...`
 /// or a bare 12-digit account id. Service principals have none.
 pub fn account_of_principal(p: &str) -> Option<&str> {

@@ -87,6 +87,10 @@ struct RawRule {
     summary: Option<String>,
     #[serde(default)]
     remediation: Option<String>,
+    /// Dotted paths into the event whose values are copied into the finding's `context`
+    /// (what a remediation needs, e.g. `responseElements.grantId`).
+    #[serde(default)]
+    capture: Vec<String>,
     #[serde(default)]
     tests: Vec<RawTest>,
 }
@@ -123,6 +127,8 @@ pub struct Rule {
     suppress: Vec<Matcher>,
     summary: Option<String>,
     pub remediation: Option<String>,
+    /// Dotted paths captured into findings' `context`.
+    pub capture: Vec<String>,
     pub tests: Vec<RuleTest>,
 }
 
@@ -164,7 +170,31 @@ impl Rule {
             remediation: self.remediation.clone(),
             key_alias: None,
             key_tags: Default::default(),
+            context: self.captured(ev),
+            action: None,
         }
+    }
+}
+
+impl Rule {
+    /// The values at the rule's `capture` paths: strings, numbers and booleans as text
+    /// (cut to 256 characters, control characters dropped: they come from the record);
+    /// missing paths and objects or arrays are left out.
+    pub fn captured(&self, ev: &Event<'_>) -> std::collections::BTreeMap<String, String> {
+        let mut out = std::collections::BTreeMap::new();
+        for path in &self.capture {
+            let segs: Vec<&str> = path.split('.').collect();
+            let value = match ev.get(&segs) {
+                Some(simd_json::BorrowedValue::String(s)) => s.to_string(),
+                Some(simd_json::BorrowedValue::Static(simd_json::StaticNode::Null)) | None => {
+                    continue
+                }
+                Some(simd_json::BorrowedValue::Static(n)) => n.to_string(),
+                Some(_) => continue,
+            };
+            out.insert(path.clone(), clean(&value, 256).collect());
+        }
+        out
     }
 }
 
@@ -543,6 +573,27 @@ fn compile(raw: RawRule, line: usize) -> Result<Rule, Vec<String>> {
             Err(e) => errs.push(format!("in `suppress[{i}]`: {e}")),
         }
     }
+    if raw.capture.len() > 16 {
+        errs.push(format!(
+            "`capture` lists {} paths: keep it to 16 or fewer (only what a remediation needs)",
+            raw.capture.len()
+        ));
+    }
+    for path in &raw.capture {
+        let ok = !path.is_empty()
+            && path.split('.').count() <= 8
+            && path.split('.').all(|seg| {
+                !seg.is_empty()
+                    && seg
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            });
+        if !ok {
+            errs.push(format!(
+                "`capture` path \"{path}\" is not a dotted field path: use names joined by dots, e.g. \"responseElements.grantId\""
+            ));
+        }
+    }
     let mut tests = Vec::new();
     for (i, t) in raw.tests.iter().enumerate() {
         let name = t.name.clone().unwrap_or_else(|| format!("test {}", i + 1));
@@ -601,6 +652,7 @@ fn compile(raw: RawRule, line: usize) -> Result<Rule, Vec<String>> {
         suppress,
         summary: raw.summary,
         remediation: raw.remediation,
+        capture: raw.capture,
         tests,
     })
 }
@@ -726,6 +778,38 @@ match = { field = "userAgent", regex = "(" }
                 r.id
             );
         }
+    }
+
+    #[test]
+    fn capture_copies_values_into_the_context_and_bad_paths_are_reported() {
+        let text = r#"
+[[rule]]
+id = "grant"
+title = "t"
+severity = "high"
+description = "d"
+event_names = ["CreateGrant"]
+remediation = "revoke-grant"
+capture = ["responseElements.grantId", "requestParameters.limit", "requestParameters.missing", "requestParameters.constraints"]
+"#;
+        let rules = RuleSet::parse(text, "t.toml").unwrap();
+        let mut bytes = br#"{"eventSource":"kms.amazonaws.com","eventName":"CreateGrant","eventID":"e1","responseElements":{"grantId":"g\u0007-1"},"requestParameters":{"limit":5,"constraints":{"a":1}}}"#.to_vec();
+        let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
+        let mut out = Vec::new();
+        rules.evaluate(&Event::new(&v), "f", &mut out);
+        let ctx = &out[0].context;
+        assert_eq!(
+            ctx.get("responseElements.grantId").map(String::as_str),
+            Some("g-1")
+        );
+        assert_eq!(
+            ctx.get("requestParameters.limit").map(String::as_str),
+            Some("5")
+        );
+        assert_eq!(ctx.len(), 2, "{ctx:?}");
+        let bad = text.replace("\"requestParameters.limit\"", "\"a..b\"");
+        let e = RuleSet::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("rule `grant`: `capture` path \"a..b\""), "{e}");
     }
 
     #[test]

@@ -639,13 +639,21 @@ async fn latency_metrics_healthz_and_sighup() {
         latencies.len()
     );
 
-    let metrics = get("/metrics").unwrap();
-    for line in [
+    let lines = [
         "kmsguard_files_processed_total 30",
         "kmsguard_findings_total{rule=\"kms-key-disabled\",severity=\"high\"} 30",
         "kmsguard_findings_delivered_total 30",
         "kmsguard_outbox_depth 0",
-    ] {
+    ];
+    // The sink writes the finding before the delivery is recorded and counted: wait for
+    // the counters to catch up (a race seen once under load, not a lost delivery).
+    let t0 = Instant::now();
+    let mut metrics = get("/metrics").unwrap();
+    while !lines.iter().all(|l| metrics.contains(l)) && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        metrics = get("/metrics").unwrap();
+    }
+    for line in lines {
         assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
     }
     assert!(metrics.contains("kmsguard_lag_event_seconds "));

@@ -10,6 +10,7 @@ mod daemon_alerts;
 mod daemon_archive;
 mod moto_smoke;
 mod posture;
+mod remediate;
 mod replay;
 mod rules_cli;
 mod servers;

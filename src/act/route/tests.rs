@@ -33,6 +33,8 @@ fn finding(rule: &str, sev: Severity, principal: &str, key: &str, time: &str) ->
         remediation: None,
         key_alias: None,
         key_tags: Default::default(),
+        context: Default::default(),
+        action: None,
     }
 }
 

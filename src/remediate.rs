@@ -1,0 +1,980 @@
+//! Automatic remediation through the KMS API: from a finding whose rule carries a
+//! remediation hint, a `Plan` (which `Action` on which key, in which mode), then its
+//! execution: read the key's state first, skip with a reason when it is already fine or
+//! out of scope, respect the per-account rate limit and the circuit breaker, call KMS
+//! (retried with capped backoff), read the state again, and report every planned,
+//! performed, skipped and failed action as a `kind: "remediation"` finding.
+//!
+//! Safety is layered: `[remediation] mode` (off | dry-run | enforce, default dry-run) and
+//! a per-rule mode; a scope (accounts, then optionally a tag or listed key ARNs) checked
+//! before anything is called; dry-run calls only reads. Keys of other accounts are
+//! reached through a configured role per account (STS AssumeRole, in the key's region).
+//! The daemon runs the engine as an outbox sink (`outbox::Sink::Remediate`); replay runs
+//! it only with `--remediate`, for events newer than `max_event_age_secs`.
+
+use crate::analyze::finding::{
+    finding_id, ActionOutcome, ActionReport, ApiCallReport, Finding, Kind, Severity,
+};
+use crate::analyze::predicates::policy_text_is_open;
+use crate::inventory::{self, format_time, now_secs, parse_time, Inventory};
+use crate::store::Store;
+use aws_config::{Region, SdkConfig};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::operation::RequestId;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+mod config;
+
+pub use config::{Mode, RawRemediation, RemediationConfig, Scope};
+
+/// Why no plan could be made for a finding.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("remediation is off for rule {0}")]
+    Off(String),
+    #[error("the finding has no remediation hint")]
+    NoHint,
+    #[error("unknown remediation hint `{0}`")]
+    UnknownHint(String),
+    #[error("the finding names no key ARN")]
+    NoKey,
+    #[error("key {key} is in account {account}, which is not in [remediation] accounts")]
+    OutOfScope { key: String, account: String },
+    #[error("the event is {age_secs} s old, over [remediation] max_event_age_secs = {max}")]
+    TooOld { age_secs: i64, max: u64 },
+    #[error("the finding lacks `{0}` in its context (the rule must capture it)")]
+    MissingContext(&'static str),
+}
+
+/// What to do to a key. A closed set: one variant per remediation hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `cancel-key-deletion`: CancelKeyDeletion, then EnableKey unless the key is known
+    /// to have been disabled before.
+    CancelKeyDeletion,
+    /// `enable-key`.
+    EnableKey,
+    /// `enable-key-rotation`, keeping a rotation period when one is known.
+    EnableKeyRotation { period_days: Option<i32> },
+    /// `revoke-grant` of exactly this grant.
+    RevokeGrant { grant_id: String },
+    /// `restore-key-policy`: the last known-good policy (inventory) or the safe policy.
+    RestoreKeyPolicy,
+}
+
+impl Action {
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Action::CancelKeyDeletion => "cancel-key-deletion",
+            Action::EnableKey => "enable-key",
+            Action::EnableKeyRotation { .. } => "enable-key-rotation",
+            Action::RevokeGrant { .. } => "revoke-grant",
+            Action::RestoreKeyPolicy => "restore-key-policy",
+        }
+    }
+}
+
+/// A remediation decided from a finding, before any API call.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub action: Action,
+    pub key_arn: String,
+    pub account: String,
+    pub region: String,
+    pub mode: Mode,
+}
+
+/// Decides the plan for a finding: pure (no I/O), checks hint, mode, account scope and
+/// event age. `now` is Unix seconds.
+pub fn plan(cfg: &RemediationConfig, f: &Finding, now: i64) -> Result<Plan, PlanError> {
+    let hint = f.remediation.as_deref().ok_or(PlanError::NoHint)?;
+    let mode = cfg.mode_for(&f.rule);
+    if mode == Mode::Off {
+        return Err(PlanError::Off(f.rule.clone()));
+    }
+    let key_arn = f
+        .keys
+        .iter()
+        .find(|k| inventory::region_of_arn(k).is_some())
+        .ok_or(PlanError::NoKey)?
+        .clone();
+    let region = inventory::region_of_arn(&key_arn)
+        .ok_or(PlanError::NoKey)?
+        .to_string();
+    let account = key_arn.split(':').nth(4).unwrap_or("").to_string();
+    if !cfg.scope.accounts.contains(&account) {
+        return Err(PlanError::OutOfScope {
+            key: key_arn,
+            account,
+        });
+    }
+    if let Some(t) = parse_time(&f.time) {
+        let age = now - t;
+        if age > cfg.max_event_age_secs as i64 {
+            return Err(PlanError::TooOld {
+                age_secs: age,
+                max: cfg.max_event_age_secs,
+            });
+        }
+    }
+    let action = match hint {
+        "cancel-key-deletion" => Action::CancelKeyDeletion,
+        "enable-key" => Action::EnableKey,
+        "enable-key-rotation" => Action::EnableKeyRotation {
+            period_days: f
+                .context
+                .get("requestParameters.rotationPeriodInDays")
+                .and_then(|v| v.parse().ok()),
+        },
+        "revoke-grant" => Action::RevokeGrant {
+            grant_id: f
+                .context
+                .get("responseElements.grantId")
+                .filter(|g| !g.is_empty())
+                .ok_or(PlanError::MissingContext("responseElements.grantId"))?
+                .clone(),
+        },
+        "restore-key-policy" => Action::RestoreKeyPolicy,
+        other => return Err(PlanError::UnknownHint(other.to_string())),
+    };
+    Ok(Plan {
+        action,
+        key_arn,
+        account,
+        region,
+        mode,
+    })
+}
+
+/// Actions taken per account in the last hour.
+#[derive(Debug, Default)]
+struct RateLimiter {
+    taken: HashMap<String, VecDeque<i64>>,
+}
+
+impl RateLimiter {
+    /// Takes a slot for `account` at `now` if fewer than `max` were taken in the hour.
+    fn take(&mut self, account: &str, now: i64, max: u32) -> bool {
+        let q = self.taken.entry(account.to_string()).or_default();
+        while q.front().is_some_and(|t| *t <= now - 3600) {
+            q.pop_front();
+        }
+        if q.len() >= max as usize {
+            return false;
+        }
+        q.push_back(now);
+        true
+    }
+}
+
+/// Stops acting after `limit` consecutive failed actions, for a cooldown.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive: u32,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    fn is_open(&mut self, now: Instant) -> bool {
+        match self.open_until {
+            Some(t) if now < t => true,
+            Some(_) => {
+                self.open_until = None;
+                self.consecutive = 0;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records an outcome; true when this failure opened the breaker.
+    fn record(&mut self, failed: bool, limit: u32, cooldown: Duration, now: Instant) -> bool {
+        if !failed {
+            self.consecutive = 0;
+            return false;
+        }
+        self.consecutive += 1;
+        if self.consecutive >= limit && self.open_until.is_none() {
+            self.open_until = Some(now + cooldown);
+            return true;
+        }
+        false
+    }
+}
+
+/// Runs plans against KMS. Shared by the daemon's sink, replay and `kmsguard remediate`.
+pub struct Engine {
+    cfg: RemediationConfig,
+    sdk: SdkConfig,
+    inventory: Option<Inventory>,
+    clients: tokio::sync::Mutex<HashMap<(String, String), aws_sdk_kms::Client>>,
+    limiter: Mutex<RateLimiter>,
+    breaker: Mutex<Breaker>,
+    /// The store tree `remediation` (`rate/<account>` -> JSON list of action times), so
+    /// the hourly limit holds across restarts; None without a store.
+    rate_tree: Option<sled::Tree>,
+}
+
+/// The store tree that keeps the rate limiter's action times.
+pub const TREE: &str = "remediation";
+
+/// What the reads say about a key.
+type State = BTreeMap<String, String>;
+
+/// A failed call: the error text for the report.
+#[derive(Debug)]
+struct CallFailed(String);
+
+impl Engine {
+    /// An engine; `store` gives the key inventory's cached records (known-good policy,
+    /// rotation period, state before a deletion was scheduled).
+    pub fn new(cfg: RemediationConfig, sdk: SdkConfig, store: Option<Store>) -> Engine {
+        let rate_tree = store.as_ref().and_then(|s| s.tree(TREE).ok());
+        // Actions taken before a restart still count against the hour.
+        let mut limiter = RateLimiter::default();
+        if let Some(tree) = &rate_tree {
+            for (k, v) in tree.scan_prefix("rate/").flatten() {
+                let key = String::from_utf8_lossy(&k);
+                let account = key.trim_start_matches("rate/").to_string();
+                if let Ok(times) = serde_json::from_slice::<VecDeque<i64>>(&v) {
+                    limiter.taken.insert(account, times);
+                }
+            }
+        }
+        Engine {
+            cfg,
+            inventory: store.map(|s| Inventory::new(s, None, Default::default())),
+            sdk,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+            limiter: Mutex::new(limiter),
+            breaker: Mutex::new(Breaker::default()),
+            rate_tree,
+        }
+    }
+
+    /// Takes a rate-limit slot for `account` (and records it in the store).
+    fn take_slot(&self, account: &str) -> bool {
+        let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
+        if !l.take(account, now_secs(), self.cfg.max_actions_per_hour) {
+            return false;
+        }
+        if let (Some(tree), Some(times)) = (&self.rate_tree, l.taken.get(account)) {
+            if let Err(e) = tree.insert(format!("rate/{account}"), crate::store::encode(times)) {
+                tracing::warn!(error = %e, account, "cannot record the remediation in the store; the rate limit holds until a restart");
+            }
+        }
+        true
+    }
+
+    pub fn config(&self) -> &RemediationConfig {
+        &self.cfg
+    }
+
+    /// Whether the engine wants this finding: a rule finding with a remediation hint
+    /// whose rule is not `off`.
+    pub fn accepts(&self, f: &Finding) -> bool {
+        f.kind == Kind::Rule && f.remediation.is_some() && self.cfg.mode_for(&f.rule) != Mode::Off
+    }
+
+    /// The KMS client for a key's account and region: through the account's role when
+    /// one is configured (credentials from STS AssumeRole, refreshed by the SDK).
+    async fn client(&self, account: &str, region: &str) -> aws_sdk_kms::Client {
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(&(account.to_string(), region.to_string())) {
+            return c.clone();
+        }
+        let mut b = aws_sdk_kms::config::Builder::from(&self.sdk)
+            .region(Region::new(region.to_string()))
+            // Our `retry` is the one retry layer, so every attempt is seen and reported.
+            .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled());
+        if let Some(role) = self.cfg.roles.get(account) {
+            let provider = aws_config::sts::AssumeRoleProvider::builder(role.clone())
+                .session_name("kmsguard-remediate")
+                .region(Region::new(region.to_string()))
+                .configure(&self.sdk)
+                .build()
+                .await;
+            b = b.credentials_provider(provider);
+        }
+        let c = aws_sdk_kms::Client::from_conf(b.build());
+        clients.insert((account.to_string(), region.to_string()), c.clone());
+        c
+    }
+
+    /// Runs one KMS call with retries, filling `report` (attempts, request id, error).
+    async fn call<T, E, F, Fut>(&self, report: &mut ApiCallReport, f: F) -> Result<T, CallFailed>
+    where
+        T: RequestId,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        report.sent = true;
+        let mut attempts = 0;
+        let r = inventory::retry(&self.cfg.backoff, |_| true, |_| attempts += 1, f).await;
+        report.attempts = attempts;
+        match r {
+            Ok(out) => {
+                report.request_id = out.request_id().map(str::to_string);
+                Ok(out)
+            }
+            Err(e) => {
+                report.request_id = e.request_id().map(str::to_string);
+                let text = match (&e, e.code()) {
+                    (SdkError::ServiceError(_), Some(code)) => {
+                        format!("{code}: {}", e.message().unwrap_or(""))
+                    }
+                    _ => error_chain(&e),
+                };
+                report.error = Some(text.clone());
+                Err(CallFailed(text))
+            }
+        }
+    }
+
+    /// Plans and (by mode) carries out the remediation of `f`; returns the remediation
+    /// finding, and a health finding when this failure opened the circuit breaker.
+    /// Findings the engine does not accept give nothing.
+    pub async fn handle(&self, f: &Finding) -> Vec<Finding> {
+        if !self.accepts(f) {
+            return Vec::new();
+        }
+        self.handle_with_mode(f, None).await
+    }
+
+    /// `handle`, with the mode forced (e.g. dry-run for `kmsguard remediate --dry-run`).
+    pub async fn handle_with_mode(&self, f: &Finding, force: Option<Mode>) -> Vec<Finding> {
+        let hint = f.remediation.clone().unwrap_or_default();
+        let mut report = ActionReport {
+            trigger: f.id.clone(),
+            trigger_rule: f.rule.clone(),
+            action: hint,
+            mode: force.unwrap_or(self.cfg.mode_for(&f.rule)).as_str().into(),
+            outcome: ActionOutcome::Skipped,
+            reason: None,
+            calls: Vec::new(),
+            reads: Vec::new(),
+            before: State::new(),
+            after: State::new(),
+            elapsed_ms: None,
+        };
+        let mut p = match plan(&self.cfg, f, now_secs()) {
+            Ok(p) => p,
+            Err(e) => {
+                report.reason = Some(e.to_string());
+                return vec![remediation_finding(f, report)];
+            }
+        };
+        if let Some(m) = force {
+            p.mode = m;
+        }
+        let mut out = Vec::new();
+        let outcome = self.execute(&p, &mut report).await;
+        let failed = outcome == ActionOutcome::Failed;
+        report.outcome = outcome;
+        // Enforce-mode actions that ran count for the breaker: a failure (of the reads
+        // too: a role that cannot be assumed fails there) or a success that resets it.
+        let counted = matches!(outcome, ActionOutcome::Failed | ActionOutcome::Performed);
+        if p.mode == Mode::Enforce && counted {
+            let opened = self
+                .breaker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(
+                    failed,
+                    self.cfg.breaker_failures,
+                    self.cfg.breaker_cooldown,
+                    Instant::now(),
+                );
+            if opened {
+                out.push(crate::daemon::health(
+                    "health-remediation-breaker",
+                    Severity::High,
+                    &format!("remediation-breaker/{}", format_time(now_secs())),
+                    format!(
+                        "automatic remediation stopped for {} s after {} consecutive failed actions (last: {} on {}: {}); check the daemon's KMS permissions and [remediation] roles",
+                        self.cfg.breaker_cooldown.as_secs(),
+                        self.cfg.breaker_failures,
+                        p.action.hint(),
+                        p.key_arn,
+                        report.reason.as_deref().unwrap_or("?")
+                    ),
+                ));
+            }
+        }
+        out.insert(0, remediation_finding(f, report));
+        out
+    }
+
+    /// Reads, decides, and in enforce mode acts; fills `report`.
+    async fn execute(&self, p: &Plan, report: &mut ActionReport) -> ActionOutcome {
+        let started = Instant::now();
+        let client = self.client(&p.account, &p.region).await;
+        // The key id, not the ARN: key ids are unique, the client is in the key's account
+        // and region, and some emulators (moto) accept only ids on the changing calls.
+        let key = inventory::key_id_of_arn(&p.key_arn);
+        let skip = |report: &mut ActionReport, why: String| {
+            report.reason = Some(why);
+            ActionOutcome::Skipped
+        };
+        let fail = |report: &mut ActionReport, why: String| {
+            report.reason = Some(why);
+            ActionOutcome::Failed
+        };
+
+        if let Some(role) = self.cfg.roles.get(&p.account) {
+            report.before.insert("via_role".into(), role.clone());
+        }
+        // Read first: what the key is now.
+        let before = match self.read_state(&client, p, &mut report.reads).await {
+            Ok(s) => s,
+            Err(e) => return fail(report, format!("cannot read the key's state: {}", e.0)),
+        };
+        report.before.extend(before.clone());
+        if before.get("key_manager").map(String::as_str) == Some("AWS") {
+            return skip(
+                report,
+                "an AWS-managed key: KMS manages it, kmsguard does not".into(),
+            );
+        }
+        // Scope beyond the account: a listed ARN, or the required tag.
+        let listed = self.cfg.scope.key_arns.contains(&p.key_arn);
+        if !listed {
+            if let Some((tk, tv)) = &self.cfg.scope.require_tag {
+                let mut r = read_call("ListResourceTags", key);
+                let tags = self
+                    .call(&mut r, || {
+                        client.list_resource_tags().key_id(key).limit(50).send()
+                    })
+                    .await;
+                report.reads.push(r);
+                match tags {
+                    Ok(t) => {
+                        if !t
+                            .tags()
+                            .iter()
+                            .any(|t| t.tag_key() == tk && t.tag_value() == tv)
+                        {
+                            return skip(
+                                report,
+                                format!("out of scope: the key is not tagged {tk}={tv} nor listed in [remediation] key_arns"),
+                            );
+                        }
+                    }
+                    Err(e) => return fail(report, format!("cannot read the key's tags: {}", e.0)),
+                }
+            } else if !self.cfg.scope.key_arns.is_empty() {
+                return skip(
+                    report,
+                    "out of scope: the key is not listed in [remediation] key_arns".into(),
+                );
+            }
+        }
+        let cached = self
+            .inventory
+            .as_ref()
+            .and_then(|i| i.cached(&p.key_arn).ok().flatten());
+        let state = before.get("key_state").cloned().unwrap_or_default();
+
+        // Decide the calls.
+        let mut calls: Vec<ApiCallReport> = Vec::new();
+        let mut new_policy = None;
+        match &p.action {
+            Action::CancelKeyDeletion => {
+                if state != "PendingDeletion" {
+                    return skip(report, format!("already fine: the key is {state}, not pending deletion"));
+                }
+                calls.push(change_call("CancelKeyDeletion", key, &[]));
+                // CancelKeyDeletion leaves the key Disabled; enable it unless it is
+                // known to have been disabled before the deletion was scheduled.
+                let prior = cached.as_ref().map(|r| r.state.clone()).filter(|s| s != "PendingDeletion");
+                report.before.insert(
+                    "state_before_event".into(),
+                    prior.clone().unwrap_or_else(|| "unknown (assumed Enabled)".into()),
+                );
+                if prior.as_deref() != Some("Disabled") {
+                    calls.push(change_call("EnableKey", key, &[]));
+                }
+            }
+            Action::EnableKey => match state.as_str() {
+                "Disabled" => calls.push(change_call("EnableKey", key, &[])),
+                "Enabled" => return skip(report, "already fine: the key is enabled".into()),
+                other => {
+                    return skip(report, format!("the key is {other}: EnableKey does not apply (a pending deletion is handled by cancel-key-deletion)"))
+                }
+            },
+            Action::EnableKeyRotation { period_days } => {
+                if before.get("rotation_enabled").map(String::as_str) == Some("true") {
+                    return skip(report, "already fine: automatic rotation is enabled".into());
+                }
+                let period = period_days.or(cached.as_ref().and_then(|r| r.rotation_period_days));
+                let mut params = Vec::new();
+                let text;
+                if let Some(d) = period {
+                    text = d.to_string();
+                    params.push(("rotationPeriodInDays", text.as_str()));
+                }
+                calls.push(change_call("EnableKeyRotation", key, &params));
+            }
+            Action::RevokeGrant { grant_id } => {
+                if before.get("grant_present").map(String::as_str) != Some("true") {
+                    return skip(report, format!("already fine: grant {grant_id} no longer exists"));
+                }
+                calls.push(change_call("RevokeGrant", key, &[("grantId", grant_id)]));
+            }
+            Action::RestoreKeyPolicy => {
+                if before.get("policy_open").map(String::as_str) == Some("false") {
+                    return skip(report, "already fine: the current policy allows neither anyone nor another account".into());
+                }
+                let known = cached
+                    .as_ref()
+                    .and_then(|r| r.policy.clone().map(|pol| (pol, format!("inventory snapshot of {}", r.refreshed_at))))
+                    .filter(|(pol, _)| policy_text_is_open(pol, &p.account) == Some(false));
+                let safe = self
+                    .cfg
+                    .safe_policy
+                    .as_ref()
+                    .map(|t| (t.replace("{account}", &p.account), "[remediation] safe_policy_file".to_string()))
+                    .filter(|(pol, _)| policy_text_is_open(pol, &p.account) == Some(false));
+                let Some((policy, source)) = known.or(safe) else {
+                    return skip(report, "no known-good policy: the inventory has no closed policy of this key and no [remediation] safe_policy_file is set".into());
+                };
+                report.before.insert("restore_from".into(), source);
+                calls.push(change_call("PutKeyPolicy", key, &[("policyName", "default"), ("bypassPolicyLockoutSafetyCheck", "false")]));
+                new_policy = Some(policy);
+            }
+        }
+
+        if p.mode != Mode::Enforce {
+            report.calls = calls;
+            report.reason = Some("dry-run: nothing that changes state was called".into());
+            return ActionOutcome::Planned;
+        }
+        if self
+            .breaker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_open(Instant::now())
+        {
+            report.calls = calls;
+            return skip(
+                report,
+                "circuit breaker open after repeated failures (see the health finding)".into(),
+            );
+        }
+        if !self.take_slot(&p.account) {
+            report.calls = calls;
+            return skip(
+                report,
+                format!("rate limit: {} actions in the last hour in account {} ([remediation] max_actions_per_hour)", self.cfg.max_actions_per_hour, p.account),
+            );
+        }
+
+        // Act, in order; stop at the first failure.
+        let mut failure = None;
+        for c in calls.iter_mut() {
+            if failure.is_some() {
+                break;
+            }
+            let r = match c.operation.as_str() {
+                "CancelKeyDeletion" => self
+                    .call(c, || client.cancel_key_deletion().key_id(key).send())
+                    .await
+                    .map(drop),
+                "EnableKey" => self
+                    .call(c, || client.enable_key().key_id(key).send())
+                    .await
+                    .map(drop),
+                "EnableKeyRotation" => {
+                    let period = c
+                        .params
+                        .get("rotationPeriodInDays")
+                        .and_then(|d| d.parse::<i32>().ok());
+                    self.call(c, || {
+                        client
+                            .enable_key_rotation()
+                            .key_id(key)
+                            .set_rotation_period_in_days(period)
+                            .send()
+                    })
+                    .await
+                    .map(drop)
+                }
+                "RevokeGrant" => {
+                    let g = c.params.get("grantId").cloned().unwrap_or_default();
+                    self.call(c, || client.revoke_grant().key_id(key).grant_id(&g).send())
+                        .await
+                        .map(drop)
+                }
+                "PutKeyPolicy" => {
+                    let pol = new_policy.clone().unwrap_or_default();
+                    // bypassPolicyLockoutSafetyCheck stays false: KMS refuses a policy
+                    // that would lock the caller out.
+                    self.call(c, || {
+                        client
+                            .put_key_policy()
+                            .key_id(key)
+                            .policy_name("default")
+                            .policy(&pol)
+                            .bypass_policy_lockout_safety_check(false)
+                            .send()
+                    })
+                    .await
+                    .map(drop)
+                }
+                other => Err(CallFailed(format!("no such call {other}"))),
+            };
+            if let Err(e) = r {
+                failure = Some(format!(
+                    "{} failed after {} attempt(s): {}",
+                    c.operation, c.attempts, e.0
+                ));
+            }
+        }
+        report.elapsed_ms = Some(started.elapsed().as_millis() as u64);
+        report.calls = calls;
+        // Read again: the state after.
+        let mut reads = Vec::new();
+        if let Ok(after) = self.read_state(&client, p, &mut reads).await {
+            report.after = after;
+        }
+        report.reads.extend(reads);
+        match failure {
+            Some(why) => fail(report, why),
+            None => ActionOutcome::Performed,
+        }
+    }
+
+    /// DescribeKey plus what the action needs (rotation status, the grant, the policy).
+    async fn read_state(
+        &self,
+        client: &aws_sdk_kms::Client,
+        p: &Plan,
+        reads: &mut Vec<ApiCallReport>,
+    ) -> Result<State, CallFailed> {
+        let key = inventory::key_id_of_arn(&p.key_arn);
+        let mut s = State::new();
+        let mut r = read_call("DescribeKey", key);
+        let d = self
+            .call(&mut r, || client.describe_key().key_id(key).send())
+            .await;
+        reads.push(r);
+        let d = d?;
+        if let Some(m) = d.key_metadata() {
+            if let Some(st) = m.key_state() {
+                s.insert("key_state".into(), st.as_str().into());
+            }
+            if let Some(km) = m.key_manager() {
+                s.insert("key_manager".into(), km.as_str().into());
+            }
+            if let Some(dd) = m.deletion_date() {
+                s.insert("deletion_date".into(), format_time(dd.secs()));
+            }
+        }
+        match &p.action {
+            Action::EnableKeyRotation { .. } => {
+                let mut r = read_call("GetKeyRotationStatus", key);
+                let g = self
+                    .call(&mut r, || {
+                        client.get_key_rotation_status().key_id(key).send()
+                    })
+                    .await;
+                reads.push(r);
+                let g = g?;
+                s.insert(
+                    "rotation_enabled".into(),
+                    g.key_rotation_enabled().to_string(),
+                );
+                if let Some(d) = g.rotation_period_in_days() {
+                    s.insert("rotation_period_days".into(), d.to_string());
+                }
+            }
+            Action::RevokeGrant { grant_id } => {
+                let mut present = false;
+                let mut marker: Option<String> = None;
+                loop {
+                    let mut r = read_call("ListGrants", key);
+                    let m = marker.clone();
+                    let page = self
+                        .call(&mut r, || {
+                            client
+                                .list_grants()
+                                .key_id(key)
+                                .limit(100)
+                                .set_marker(m.clone())
+                                .send()
+                        })
+                        .await;
+                    reads.push(r);
+                    let page = page?;
+                    present |= page
+                        .grants()
+                        .iter()
+                        .any(|g| g.grant_id() == Some(grant_id.as_str()));
+                    match (page.truncated(), page.next_marker()) {
+                        (true, Some(n)) if !present && Some(n) != marker.as_deref() => {
+                            marker = Some(n.to_string())
+                        }
+                        _ => break,
+                    }
+                }
+                s.insert("grant_present".into(), present.to_string());
+            }
+            Action::RestoreKeyPolicy => {
+                let mut r = read_call("GetKeyPolicy", key);
+                let g = self
+                    .call(&mut r, || {
+                        client
+                            .get_key_policy()
+                            .key_id(key)
+                            .policy_name("default")
+                            .send()
+                    })
+                    .await;
+                reads.push(r);
+                let g = g?;
+                let open = g.policy().and_then(|t| policy_text_is_open(t, &p.account));
+                s.insert(
+                    "policy_open".into(),
+                    open.map_or("unknown".into(), |o| o.to_string()),
+                );
+            }
+            Action::CancelKeyDeletion | Action::EnableKey => {}
+        }
+        Ok(s)
+    }
+}
+
+fn read_call(op: &str, key: &str) -> ApiCallReport {
+    change_call(op, key, &[])
+}
+
+fn change_call(op: &str, key: &str, params: &[(&str, &str)]) -> ApiCallReport {
+    let mut p: BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    p.insert("keyId".into(), key.to_string());
+    ApiCallReport {
+        operation: op.to_string(),
+        params: p,
+        sent: false,
+        request_id: None,
+        error: None,
+        attempts: 0,
+    }
+}
+
+/// An error and its sources, one line (for errors without an AWS error code).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
+/// The `kind: "remediation"` finding for a report about trigger `f`.
+fn remediation_finding(f: &Finding, report: ActionReport) -> Finding {
+    let severity = match report.outcome {
+        ActionOutcome::Planned => Severity::Info,
+        ActionOutcome::Skipped => Severity::Low,
+        ActionOutcome::Performed => Severity::Medium,
+        ActionOutcome::Failed => Severity::High,
+    };
+    let outcome = match report.outcome {
+        ActionOutcome::Planned => "planned",
+        ActionOutcome::Performed => "performed",
+        ActionOutcome::Skipped => "skipped",
+        ActionOutcome::Failed => "failed",
+    };
+    let key = f.keys.first().map_or("no key", String::as_str);
+    let calls: Vec<&str> = report.calls.iter().map(|c| c.operation.as_str()).collect();
+    let summary = format!(
+        "{outcome} {} on {key} for {} ({}){}",
+        report.action,
+        f.rule,
+        if calls.is_empty() {
+            "no calls".to_string()
+        } else {
+            calls.join(" + ")
+        },
+        report
+            .reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    );
+    let rule = format!(
+        "remediation-{}",
+        if report.action.is_empty() {
+            "none"
+        } else {
+            &report.action
+        }
+    );
+    Finding {
+        id: finding_id(&rule, std::slice::from_ref(&f.id)),
+        kind: Kind::Remediation,
+        rule,
+        severity,
+        title: format!("Automatic remediation {outcome}"),
+        summary: crate::analyze::rule::clean(&summary, 600).collect(),
+        event_ids: f.event_ids.clone(),
+        event_name: f.event_name.clone(),
+        event_source: f.event_source.clone(),
+        time: format_time(now_secs()),
+        principal: f.principal.clone(),
+        principal_role: f.principal_role.clone(),
+        account: f.account.clone(),
+        region: f.region.clone(),
+        keys: f.keys.clone(),
+        source_ip: f.source_ip.clone(),
+        user_agent: f.user_agent.clone(),
+        error_code: None,
+        file: f.file.clone(),
+        remediation: None,
+        key_alias: f.key_alias.clone(),
+        key_tags: f.key_tags.clone(),
+        context: BTreeMap::from([("trigger".to_string(), f.id.clone())]),
+        action: Some(report),
+    }
+}
+
+/// Finds the newest finding with `id` in JSON Lines files (the daemon's file sinks).
+pub fn find_in_jsonl(paths: &[std::path::PathBuf], id: &str) -> std::io::Result<Option<Finding>> {
+    use std::io::BufRead;
+    let mut found = None;
+    for p in paths {
+        let file = match std::fs::File::open(p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line?;
+            if !line.contains(id) {
+                continue;
+            }
+            if let Ok(f) = serde_json::from_str::<Finding>(&line) {
+                if f.id == id {
+                    found = Some(f);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::config::tests::cfg;
+
+    fn finding(rule: &str, hint: &str, key: &str) -> Finding {
+        Finding {
+            id: "f1".into(),
+            kind: Kind::Rule,
+            rule: rule.into(),
+            severity: Severity::High,
+            title: String::new(),
+            summary: String::new(),
+            event_ids: vec!["e1".into()],
+            event_name: String::new(),
+            event_source: String::new(),
+            time: format_time(now_secs() - 60),
+            principal: None,
+            principal_role: None,
+            account: None,
+            region: None,
+            keys: vec![key.into()],
+            source_ip: None,
+            user_agent: None,
+            error_code: None,
+            file: String::new(),
+            remediation: Some(hint.into()),
+            key_alias: None,
+            key_tags: Default::default(),
+            context: Default::default(),
+            action: None,
+        }
+    }
+
+    const KEY: &str = "arn:aws:kms:us-east-1:111122223333:key/k1";
+
+    #[test]
+    fn plans_respect_mode_scope_age_and_context() {
+        let c = cfg("mode = \"enforce\"\naccounts = [\"111122223333\"]\n[rules]\nkms-rotation-disabled = \"off\"\n").unwrap();
+        let now = now_secs();
+        let p = plan(&c, &finding("kms-key-disabled", "enable-key", KEY), now).unwrap();
+        assert_eq!(
+            (p.action, p.mode, p.region.as_str()),
+            (Action::EnableKey, Mode::Enforce, "us-east-1")
+        );
+        assert_eq!(
+            plan(
+                &c,
+                &finding("kms-rotation-disabled", "enable-key-rotation", KEY),
+                now
+            )
+            .unwrap_err(),
+            PlanError::Off("kms-rotation-disabled".into())
+        );
+        let foreign = "arn:aws:kms:us-east-1:999988887777:key/k1";
+        assert!(matches!(
+            plan(&c, &finding("kms-key-disabled", "enable-key", foreign), now),
+            Err(PlanError::OutOfScope { .. })
+        ));
+        let mut old = finding("kms-key-disabled", "enable-key", KEY);
+        old.time = "2020-01-01T00:00:00Z".into();
+        assert!(matches!(plan(&c, &old, now), Err(PlanError::TooOld { .. })));
+        let mut g = finding("kms-grant-cross-account", "revoke-grant", KEY);
+        assert_eq!(
+            plan(&c, &g, now).unwrap_err(),
+            PlanError::MissingContext("responseElements.grantId")
+        );
+        g.context
+            .insert("responseElements.grantId".into(), "abc".into());
+        assert_eq!(
+            plan(&c, &g, now).unwrap().action,
+            Action::RevokeGrant {
+                grant_id: "abc".into()
+            }
+        );
+    }
+
+    #[test]
+    fn rate_limit_is_per_account_per_rolling_hour() {
+        let mut l = RateLimiter::default();
+        assert!(l.take("a", 1000, 2));
+        assert!(l.take("a", 1001, 2));
+        assert!(!l.take("a", 1002, 2));
+        assert!(l.take("b", 1002, 2), "another account has its own budget");
+        assert!(l.take("a", 1000 + 3600, 2), "the oldest slot expired");
+    }
+
+    #[test]
+    fn breaker_opens_after_consecutive_failures_and_closes_after_cooldown() {
+        let mut b = Breaker::default();
+        let t = Instant::now();
+        let cd = Duration::from_secs(10);
+        assert!(!b.record(true, 2, cd, t));
+        assert!(!b.record(false, 2, cd, t), "a success resets the count");
+        assert!(!b.record(true, 2, cd, t));
+        assert!(
+            b.record(true, 2, cd, t),
+            "second consecutive failure opens it"
+        );
+        assert!(b.is_open(t + Duration::from_secs(1)));
+        assert!(!b.is_open(t + Duration::from_secs(11)));
+    }
+}

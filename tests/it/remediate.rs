@@ -1,0 +1,920 @@
+//! Automatic remediation against moto's KMS: real keys are changed for the worse with the
+//! SDK, a CloudTrail record of that change (ctgen-shaped, with the real key ARN and grant
+//! id) goes through S3 and SQS to the real daemon, and the key must come back to its safe
+//! state (checked with DescribeKey, GetKeyRotationStatus, ListGrants, GetKeyPolicy).
+
+use crate::daemon::{sigterm, sink, wait_exit, Trail};
+use crate::support::*;
+use aws_sdk_kms::types::GrantOperation;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// moto's default account.
+const ACCOUNT: &str = "123456789012";
+
+fn now_iso() -> String {
+    kmsguard::inventory::format_time(kmsguard::inventory::now_secs())
+}
+
+/// One CloudTrail record shaped like ctgen's (an admin's assumed role changing a key).
+fn record(
+    event_id: &str,
+    time: &str,
+    name: &str,
+    key_arn: &str,
+    params: Value,
+    response: Value,
+) -> Value {
+    json!({
+        "eventVersion": "1.09",
+        "userIdentity": {"type": "AssumedRole", "principalId": "AROAEXAMPLE:mallory",
+            "arn": format!("arn:aws:sts::{ACCOUNT}:assumed-role/admin/mallory"), "accountId": ACCOUNT,
+            "sessionContext": {"sessionIssuer": {"type": "Role", "arn": format!("arn:aws:iam::{ACCOUNT}:role/admin"), "accountId": ACCOUNT}}},
+        "eventTime": time, "eventSource": "kms.amazonaws.com", "eventName": name,
+        "awsRegion": "us-east-1", "sourceIPAddress": "203.0.113.66", "userAgent": "aws-cli/2.17.0",
+        "requestParameters": params, "responseElements": response,
+        "requestID": format!("req-{event_id}"), "eventID": event_id, "readOnly": false,
+        "eventType": "AwsApiCall", "managementEvent": true, "recipientAccountId": ACCOUNT,
+        "eventCategory": "Management",
+        "resources": [{"accountId": ACCOUNT, "type": "AWS::KMS::Key", "ARN": key_arn}]
+    })
+}
+
+fn gz_file(records: &[Value]) -> Vec<u8> {
+    let doc = json!({ "Records": records });
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, doc.to_string().as_bytes()).unwrap();
+    gz.finish().unwrap()
+}
+
+fn object_key(name: &str) -> String {
+    format!("AWSLogs/{ACCOUNT}/CloudTrail/us-east-1/2026/11/29/{ACCOUNT}_CloudTrail_us-east-1_{name}.json.gz")
+}
+
+async fn kms(trail: &Trail) -> aws_sdk_kms::Client {
+    kmsguard::aws::kms_client(&trail.moto.sdk("us-east-1").await, None)
+}
+
+/// A new key, optionally tagged `kmsguard:protect=true`; returns (id, ARN).
+async fn key(kms: &aws_sdk_kms::Client, protect: bool) -> (String, String) {
+    let mut req = kms.create_key().description("kmsguard remediation test");
+    if protect {
+        req = req.tags(
+            aws_sdk_kms::types::Tag::builder()
+                .tag_key("kmsguard:protect")
+                .tag_value("true")
+                .build()
+                .unwrap(),
+        );
+    }
+    let m = req.send().await.unwrap().key_metadata.unwrap();
+    (m.key_id, m.arn.unwrap())
+}
+
+async fn state(kms: &aws_sdk_kms::Client, id: &str) -> String {
+    kms.describe_key()
+        .key_id(id)
+        .send()
+        .await
+        .unwrap()
+        .key_metadata
+        .unwrap()
+        .key_state
+        .unwrap()
+        .as_str()
+        .to_string()
+}
+
+async fn rotation(kms: &aws_sdk_kms::Client, id: &str) -> bool {
+    kms.get_key_rotation_status()
+        .key_id(id)
+        .send()
+        .await
+        .unwrap()
+        .key_rotation_enabled
+}
+
+async fn grant_ids(kms: &aws_sdk_kms::Client, id: &str) -> Vec<String> {
+    kms.list_grants()
+        .key_id(id)
+        .send()
+        .await
+        .unwrap()
+        .grants
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|g| g.grant_id)
+        .collect()
+}
+
+async fn policy(kms: &aws_sdk_kms::Client, id: &str) -> String {
+    kms.get_key_policy()
+        .key_id(id)
+        .policy_name("default")
+        .send()
+        .await
+        .unwrap()
+        .policy
+        .unwrap_or_default()
+}
+
+/// Polls a condition (an expression with `.await`s) until it holds; gives how long it took.
+macro_rules! until {
+    ($what:expr, $cond:expr) => {{
+        let t0 = Instant::now();
+        while !$cond {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{} did not happen in 60 s",
+                $what
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        t0.elapsed()
+    }};
+}
+
+fn remediations(findings: &[Value]) -> Vec<&Value> {
+    findings
+        .iter()
+        .filter(|f| f["kind"] == "remediation")
+        .collect()
+}
+
+fn remediation_for<'a>(findings: &'a [Value], event_id: &str) -> Option<&'a Value> {
+    remediations(findings)
+        .into_iter()
+        .find(|f| strs(&f["event_ids"]).iter().any(|e| e == event_id))
+}
+
+async fn wait_remediation(dir: &Path, event_id: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        if let Some(f) = remediation_for(&sink(dir), event_id) {
+            return f.clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no remediation finding for {event_id}: {:#?}",
+            sink(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const PUBLIC_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"root","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"kms:*","Resource":"*"},{"Sid":"anyone","Effect":"Allow","Principal":{"AWS":"*"},"Action":"kms:Decrypt","Resource":"*"}]}"#;
+
+const SAFE_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"root","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::{account}:root"},"Action":"kms:*","Resource":"*"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_enforce_restores_every_key_and_leaves_out_of_scope_keys_alone() {
+    let trail = Trail::new().await;
+    let kms = kms(&trail).await;
+    let work = tempfile::tempdir().unwrap();
+    let safe = work.path().join("safe-policy.json");
+    std::fs::write(&safe, SAFE_POLICY).unwrap();
+    let cfg = trail.config(
+        work.path(),
+        &format!(
+            "files_in_flight = 2\n\n[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\nrequire_tag = \"kmsguard:protect=true\"\nsafe_policy_file = \"{}\"\nretry_base_ms = 50\n",
+            safe.display()
+        ),
+    );
+    let o = run(bin().args(["check-config"]).arg(&cfg));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+
+    let (del, del_arn) = key(&kms, true).await;
+    let (dis, dis_arn) = key(&kms, true).await;
+    let (rot, rot_arn) = key(&kms, true).await;
+    let (gr, gr_arn) = key(&kms, true).await;
+    let (pol, pol_arn) = key(&kms, true).await;
+    let (out, out_arn) = key(&kms, false).await;
+    kms.enable_key_rotation().key_id(&rot).send().await.unwrap();
+
+    // The bad changes, made for real.
+    kms.schedule_key_deletion()
+        .key_id(&del)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    kms.disable_key().key_id(&dis).send().await.unwrap();
+    kms.disable_key_rotation()
+        .key_id(&rot)
+        .send()
+        .await
+        .unwrap();
+    let grant = kms
+        .create_grant()
+        .key_id(&gr_arn)
+        .grantee_principal("arn:aws:iam::999988887777:role/partner")
+        .operations(GrantOperation::Decrypt)
+        .send()
+        .await
+        .unwrap()
+        .grant_id
+        .unwrap();
+    kms.put_key_policy()
+        .key_id(&pol)
+        .policy_name("default")
+        .policy(PUBLIC_POLICY)
+        .send()
+        .await
+        .unwrap();
+    kms.disable_key().key_id(&out).send().await.unwrap();
+    assert_eq!(state(&kms, &del).await, "PendingDeletion");
+
+    let t = now_iso();
+    let deletion = iso_in_days(7);
+    let events = [
+        (
+            "ev-del",
+            record(
+                "ev-del",
+                &t,
+                "ScheduleKeyDeletion",
+                &del_arn,
+                json!({"keyId": del, "pendingWindowInDays": 7}),
+                json!({"keyId": del_arn, "deletionDate": deletion, "keyState": "PendingDeletion", "pendingWindowInDays": 7}),
+            ),
+        ),
+        (
+            "ev-dis",
+            record(
+                "ev-dis",
+                &t,
+                "DisableKey",
+                &dis_arn,
+                json!({"keyId": dis}),
+                Value::Null,
+            ),
+        ),
+        (
+            "ev-rot",
+            record(
+                "ev-rot",
+                &t,
+                "DisableKeyRotation",
+                &rot_arn,
+                json!({"keyId": rot_arn}),
+                Value::Null,
+            ),
+        ),
+        (
+            "ev-grant",
+            record(
+                "ev-grant",
+                &t,
+                "CreateGrant",
+                &gr_arn,
+                json!({"keyId": gr_arn, "granteePrincipal": "arn:aws:iam::999988887777:role/partner", "operations": ["Decrypt"]}),
+                json!({"grantId": grant, "keyId": gr_arn}),
+            ),
+        ),
+        (
+            "ev-pol",
+            record(
+                "ev-pol",
+                &t,
+                "PutKeyPolicy",
+                &pol_arn,
+                json!({"keyId": pol, "policyName": "default", "policy": PUBLIC_POLICY, "bypassPolicyLockoutSafetyCheck": false}),
+                Value::Null,
+            ),
+        ),
+        (
+            "ev-out",
+            record(
+                "ev-out",
+                &t,
+                "DisableKey",
+                &out_arn,
+                json!({"keyId": out}),
+                Value::Null,
+            ),
+        ),
+    ];
+    // One file per change, each timed from its upload (which sends the SQS message)
+    // to the key being back.
+    let mut latencies = Vec::new();
+    for (id, rec) in &events {
+        let t0 = Instant::now();
+        trail
+            .put(object_key(id), gz_file(std::slice::from_ref(rec)))
+            .await;
+        let took = match *id {
+            "ev-del" => until!(id, state(&kms, &del).await == "Enabled"),
+            "ev-dis" => until!(id, state(&kms, &dis).await == "Enabled"),
+            "ev-rot" => until!(id, rotation(&kms, &rot).await),
+            "ev-grant" => until!(id, grant_ids(&kms, &gr).await.is_empty()),
+            "ev-pol" => until!(id, !policy(&kms, &pol).await.contains(r#""AWS":"*""#)),
+            _ => {
+                wait_remediation(work.path(), id).await;
+                continue;
+            }
+        };
+        latencies.push((id.to_string(), t0.elapsed().max(took)));
+    }
+    trail.wait_drained(Duration::from_secs(60)).await;
+    for (id, _) in &events {
+        wait_remediation(work.path(), id).await;
+    }
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+
+    // Safe states, read back from KMS.
+    assert_eq!(
+        state(&kms, &del).await,
+        "Enabled",
+        "deletion cancelled and key re-enabled"
+    );
+    assert_eq!(state(&kms, &dis).await, "Enabled");
+    assert!(rotation(&kms, &rot).await);
+    assert!(
+        grant_ids(&kms, &gr).await.is_empty(),
+        "the foreign grant is revoked"
+    );
+    let restored = policy(&kms, &pol).await;
+    assert_eq!(
+        restored,
+        SAFE_POLICY.replace("{account}", ACCOUNT),
+        "the safe policy is restored"
+    );
+    assert_eq!(
+        state(&kms, &out).await,
+        "Disabled",
+        "out-of-scope key untouched"
+    );
+
+    let findings = sink(work.path());
+    for (id, calls) in [
+        ("ev-del", vec!["CancelKeyDeletion", "EnableKey"]),
+        ("ev-dis", vec!["EnableKey"]),
+        ("ev-rot", vec!["EnableKeyRotation"]),
+        ("ev-grant", vec!["RevokeGrant"]),
+        ("ev-pol", vec!["PutKeyPolicy"]),
+    ] {
+        let f = remediation_for(&findings, id).unwrap();
+        let a = &f["action"];
+        assert_eq!(a["outcome"], "performed", "{f}");
+        assert_eq!(a["mode"], "enforce");
+        let got: Vec<&str> = a["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["operation"].as_str().unwrap())
+            .collect();
+        assert_eq!(got, calls, "{f}");
+        for c in a["calls"].as_array().unwrap() {
+            assert_eq!(c["sent"], true);
+            assert!(
+                c["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+                "request id recorded: {f}"
+            );
+        }
+        assert!(!a["before"].as_object().unwrap().is_empty(), "{f}");
+        assert!(!a["after"].as_object().unwrap().is_empty(), "{f}");
+        // It names its trigger: the rule finding of the same event.
+        let trigger = findings
+            .iter()
+            .find(|t| {
+                t["kind"] == "rule"
+                    && strs(&t["event_ids"]) == vec![id.to_string()]
+                    && t["remediation"].is_string()
+            })
+            .unwrap();
+        assert_eq!(a["trigger"], trigger["id"]);
+    }
+    let grant_rem = &remediation_for(&findings, "ev-grant").unwrap()["action"];
+    assert_eq!(grant_rem["calls"][0]["params"]["grantId"], grant.as_str());
+    assert_eq!(grant_rem["before"]["grant_present"], "true");
+    assert_eq!(grant_rem["after"]["grant_present"], "false");
+    let del_rem = &remediation_for(&findings, "ev-del").unwrap()["action"];
+    assert_eq!(del_rem["before"]["key_state"], "PendingDeletion");
+    assert_eq!(del_rem["after"]["key_state"], "Enabled");
+    let out_rem = remediation_for(&findings, "ev-out").unwrap();
+    assert_eq!(out_rem["action"]["outcome"], "skipped");
+    assert!(
+        out_rem["action"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("out of scope"),
+        "{out_rem}"
+    );
+    assert!(
+        out_rem["action"]["calls"].as_array().unwrap().is_empty(),
+        "nothing planned for an out-of-scope key"
+    );
+    latencies.sort_by_key(|(_, d)| *d);
+    eprintln!(
+        "remediation: upload (SQS message) -> key back to its safe state: {}",
+        latencies
+            .iter()
+            .map(|(id, d)| format!("{id} {} ms", d.as_millis()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!(
+        "remediation: engine time, first read to last change answered: {}",
+        events
+            .iter()
+            .filter_map(|(id, _)| remediation_for(&findings, id).and_then(|f| {
+                let a = &f["action"];
+                let all: Vec<&Value> = a["reads"]
+                    .as_array()?
+                    .iter()
+                    .chain(a["calls"].as_array()?.iter())
+                    .collect();
+                let attempts: u64 = all.iter().filter_map(|c| c["attempts"].as_u64()).sum();
+                let errors: Vec<&str> = all.iter().filter_map(|c| c["error"].as_str()).collect();
+                Some(format!(
+                    "{id} {} ms ({} calls, {attempts} attempts{})",
+                    a["elapsed_ms"].as_u64()?,
+                    all.len(),
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", errors: {errors:?}")
+                    }
+                ))
+            }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+fn iso_in_days(days: i64) -> String {
+    kmsguard::inventory::format_time(kmsguard::inventory::now_secs() + days * 86_400)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
+    let trail = Trail::new().await;
+    let kms = kms(&trail).await;
+    let work = tempfile::tempdir().unwrap();
+    // Dry-run by default; DisableKey enforced with a budget of 2 actions an hour; one
+    // failed action opens the breaker.
+    let cfg = trail.config(
+        work.path(),
+        &format!(
+            "files_in_flight = 1\n\n[remediation]\naccounts = [\"{ACCOUNT}\"]\nmax_actions_per_hour = 2\nbreaker_failures = 1\nretries = 2\nretry_base_ms = 20\n\n[remediation.rules]\nkms-key-disabled = \"enforce\"\n"
+        ),
+    );
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+    let (del, del_arn) = key(&kms, false).await;
+    kms.schedule_key_deletion()
+        .key_id(&del)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    let mut disabled = Vec::new();
+    for _ in 0..3 {
+        let (id, arn) = key(&kms, false).await;
+        kms.disable_key().key_id(&id).send().await.unwrap();
+        disabled.push((id, arn));
+    }
+    let t = now_iso();
+    let mut records = vec![record(
+        "ev-dry-del",
+        &t,
+        "ScheduleKeyDeletion",
+        &del_arn,
+        json!({"keyId": del, "pendingWindowInDays": 7}),
+        json!({"keyId": del_arn, "deletionDate": iso_in_days(7), "keyState": "PendingDeletion", "pendingWindowInDays": 7}),
+    )];
+    // A key that is fine already: skipped, and it takes no rate-limit slot.
+    let (fine, fine_arn) = key(&kms, false).await;
+    records.push(record(
+        "ev-fine",
+        &t,
+        "DisableKey",
+        &fine_arn,
+        json!({"keyId": fine}),
+        Value::Null,
+    ));
+    for (i, (id, arn)) in disabled.iter().enumerate() {
+        records.push(record(
+            &format!("ev-rl-{i}"),
+            &t,
+            "DisableKey",
+            arn,
+            json!({"keyId": id}),
+            Value::Null,
+        ));
+    }
+    trail.put(object_key("batch"), gz_file(&records)).await;
+    for id in ["ev-dry-del", "ev-fine", "ev-rl-0", "ev-rl-1", "ev-rl-2"] {
+        wait_remediation(work.path(), id).await;
+    }
+
+    // Dry-run: planned, nothing sent, the key still pending deletion.
+    let findings = sink(work.path());
+    let dry = &remediation_for(&findings, "ev-dry-del").unwrap()["action"];
+    assert_eq!(dry["outcome"], "planned", "{dry}");
+    assert_eq!(dry["mode"], "dry-run");
+    let planned: Vec<(&str, bool)> = dry["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["operation"].as_str().unwrap(),
+                c["sent"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        planned,
+        vec![("CancelKeyDeletion", false), ("EnableKey", false)]
+    );
+    assert_eq!(
+        state(&kms, &del).await,
+        "PendingDeletion",
+        "dry-run changed nothing"
+    );
+
+    let fine_rem = &remediation_for(&findings, "ev-fine").unwrap()["action"];
+    assert_eq!(fine_rem["outcome"], "skipped");
+    assert_eq!(fine_rem["reason"], "already fine: the key is enabled");
+    assert!(fine_rem["calls"].as_array().unwrap().is_empty());
+
+    // Rate limit: 2 of the 3 disabled keys re-enabled, the third skipped and left.
+    let mut enabled = 0;
+    for (id, _) in &disabled {
+        enabled += usize::from(state(&kms, id).await == "Enabled");
+    }
+    assert_eq!(enabled, 2, "max_actions_per_hour = 2 holds");
+    let outcomes: Vec<String> = (0..3)
+        .map(|i| {
+            let a = &remediation_for(&findings, &format!("ev-rl-{i}")).unwrap()["action"];
+            format!(
+                "{}: {}",
+                a["outcome"].as_str().unwrap(),
+                a["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| o.starts_with("performed"))
+            .count(),
+        2,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| o.starts_with("skipped: rate limit")),
+        "{outcomes:?}"
+    );
+
+    // A failing call: a key that does not exist. Retried, then reported as failed, and
+    // (breaker_failures = 1) a health finding says remediation stopped.
+    let ghost = format!("arn:aws:kms:us-east-1:{ACCOUNT}:key/00000000-0000-4000-8000-00000000dead");
+    trail
+        .put(
+            object_key("ghost"),
+            gz_file(&[record(
+                "ev-ghost",
+                &t,
+                "DisableKey",
+                &ghost,
+                json!({"keyId": ghost}),
+                Value::Null,
+            )]),
+        )
+        .await;
+    let f = wait_remediation(work.path(), "ev-ghost").await;
+    let a = &f["action"];
+    assert_eq!(a["outcome"], "failed", "{f}");
+    assert_eq!(a["reads"][0]["operation"], "DescribeKey");
+    assert_eq!(a["reads"][0]["attempts"], 3, "2 retries: {f}");
+    assert!(
+        a["reads"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("NotFound"),
+        "{f}"
+    );
+    assert_eq!(f["severity"], "high");
+    // breaker_failures = 1: that failure stopped remediation, and said so.
+    let t0 = Instant::now();
+    while !sink(work.path())
+        .iter()
+        .any(|f| f["rule"] == "health-remediation-breaker")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no breaker health finding"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let health = sink(work.path())
+        .into_iter()
+        .find(|f| f["rule"] == "health-remediation-breaker")
+        .unwrap();
+    assert_eq!(health["kind"], "health");
+    assert!(
+        health["summary"]
+            .as_str()
+            .unwrap()
+            .contains("1 consecutive failed actions"),
+        "{health}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+
+    // `kmsguard remediate --dry-run ID`: the plan for the deletion finding, from the sink.
+    let findings = sink(work.path());
+    let trigger = findings
+        .iter()
+        .find(|f| f["kind"] == "rule" && f["rule"] == "kms-key-deletion-scheduled")
+        .unwrap();
+    let o = run(bin()
+        .args([
+            "remediate",
+            "--dry-run",
+            trigger["id"].as_str().unwrap(),
+            "--config",
+        ])
+        .arg(&cfg)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let shown = jsonl(&stdout(&o));
+    assert_eq!(shown.len(), 1, "{}", stdout(&o));
+    assert_eq!(shown[0]["action"]["outcome"], "planned");
+    assert_eq!(
+        shown[0]["action"]["calls"][0]["operation"],
+        "CancelKeyDeletion"
+    );
+    assert_eq!(state(&kms, &del).await, "PendingDeletion");
+    let o = run(bin()
+        .args(["remediate", "--dry-run", "no-such-id", "--config"])
+        .arg(&cfg)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("no finding with id no-such-id"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The hour's budget survives a restart (kept in the state store).
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+    let (late, late_arn) = key(&kms, false).await;
+    kms.disable_key().key_id(&late).send().await.unwrap();
+    trail
+        .put(
+            object_key("after-restart"),
+            gz_file(&[record(
+                "ev-late",
+                &now_iso(),
+                "DisableKey",
+                &late_arn,
+                json!({"keyId": late}),
+                Value::Null,
+            )]),
+        )
+        .await;
+    let f = wait_remediation(work.path(), "ev-late").await;
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+    assert_eq!(f["action"]["outcome"], "skipped", "{f}");
+    assert!(
+        f["action"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("rate limit"),
+        "{f}"
+    );
+    assert_eq!(state(&kms, &late).await, "Disabled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_in_replay_needs_the_flag_and_skips_old_events() {
+    let trail = Trail::new().await;
+    let kms = kms(&trail).await;
+    let work = tempfile::tempdir().unwrap();
+    let (recent, recent_arn) = key(&kms, false).await;
+    let (old, old_arn) = key(&kms, false).await;
+    kms.disable_key().key_id(&recent).send().await.unwrap();
+    kms.disable_key().key_id(&old).send().await.unwrap();
+    let dir = work.path().join("AWSLogs");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("f.json.gz"),
+        gz_file(&[
+            record(
+                "ev-recent",
+                &now_iso(),
+                "DisableKey",
+                &recent_arn,
+                json!({"keyId": recent}),
+                Value::Null,
+            ),
+            record(
+                "ev-old",
+                "2026-01-01T00:00:00Z",
+                "DisableKey",
+                &old_arn,
+                json!({"keyId": old}),
+                Value::Null,
+            ),
+        ]),
+    )
+    .unwrap();
+    let cfg = work.path().join("replay.toml");
+    std::fs::write(
+        &cfg,
+        format!("[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\nmax_event_age_secs = 3600\n"),
+    )
+    .unwrap();
+    // Without --remediate: nothing changes.
+    let o = run(bin()
+        .args(["replay", "--format", "jsonl", "--no-baselines", "--config"])
+        .arg(&cfg)
+        .arg(&dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(remediations(&jsonl(&stdout(&o))).is_empty());
+    assert_eq!(state(&kms, &recent).await, "Disabled");
+    // With it: the recent event is remediated, the old one left alone.
+    let o = run(bin()
+        .args([
+            "replay",
+            "--format",
+            "jsonl",
+            "--no-baselines",
+            "--remediate",
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg(&dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let findings = jsonl(&stdout(&o));
+    let rem = remediations(&findings);
+    assert_eq!(rem.len(), 1, "{rem:#?}");
+    assert_eq!(strs(&rem[0]["event_ids"]), vec!["ev-recent"]);
+    assert_eq!(rem[0]["action"]["outcome"], "performed");
+    assert_eq!(state(&kms, &recent).await, "Enabled");
+    assert_eq!(
+        state(&kms, &old).await,
+        "Disabled",
+        "events over max_event_age_secs are left alone"
+    );
+    assert!(
+        stderr(&o).contains("1 finding(s) of events older than"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Through a role per account (STS AssumeRole): a role of another account sees other
+    // keys, so the key is not found there and the failure is reported, not hidden.
+    kms.disable_key().key_id(&recent).send().await.unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\nretries = 1\nretry_base_ms = 10\n\n[remediation.roles]\n\"{ACCOUNT}\" = \"arn:aws:iam::999999999999:role/kmsguard-remediate\"\n"),
+    )
+    .unwrap();
+    let o = run(bin()
+        .args([
+            "replay",
+            "--format",
+            "jsonl",
+            "--no-baselines",
+            "--remediate",
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg(&dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let findings = jsonl(&stdout(&o));
+    let rem = remediations(&findings);
+    assert_eq!(rem.len(), 1, "{rem:#?}");
+    let a = &rem[0]["action"];
+    assert_eq!(a["outcome"], "failed", "{a}");
+    assert_eq!(
+        a["before"]["via_role"],
+        "arn:aws:iam::999999999999:role/kmsguard-remediate"
+    );
+    assert_eq!(a["reads"][0]["attempts"], 2, "{a}");
+    assert_eq!(
+        state(&kms, &recent).await,
+        "Disabled",
+        "nothing changed through the wrong role"
+    );
+}
+
+const GOOD_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"root","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"kms:*","Resource":"*"},{"Sid":"app","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:role/app"},"Action":"kms:Decrypt","Resource":"*"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_uses_the_inventory_snapshot_of_policy_and_state() {
+    let trail = Trail::new().await;
+    let kms = kms(&trail).await;
+    let work = tempfile::tempdir().unwrap();
+    let (pol, pol_arn) = key(&kms, false).await;
+    kms.put_key_policy()
+        .key_id(&pol)
+        .policy_name("default")
+        .policy(GOOD_POLICY)
+        .send()
+        .await
+        .unwrap();
+    let (was_disabled, was_disabled_arn) = key(&kms, false).await;
+    kms.disable_key()
+        .key_id(&was_disabled)
+        .send()
+        .await
+        .unwrap();
+    // The key inventory, read into the daemon's state directory before it starts.
+    let state_dir = work.path().join("state");
+    let o = run(bin()
+        .args([
+            "posture",
+            "--format",
+            "jsonl",
+            "--region",
+            "us-east-1",
+            "--state",
+        ])
+        .arg(&state_dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    // Then the bad changes: the policy opened to anyone, the disabled key scheduled for
+    // deletion.
+    kms.put_key_policy()
+        .key_id(&pol)
+        .policy_name("default")
+        .policy(PUBLIC_POLICY)
+        .send()
+        .await
+        .unwrap();
+    kms.schedule_key_deletion()
+        .key_id(&was_disabled)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    let cfg = trail.config(
+        work.path(),
+        &format!("\n[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\n"),
+    );
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+    let t = now_iso();
+    trail
+        .put(
+            object_key("snapshot"),
+            gz_file(&[
+                record("ev-snap-pol", &t, "PutKeyPolicy", &pol_arn,
+                    json!({"keyId": pol, "policyName": "default", "policy": PUBLIC_POLICY, "bypassPolicyLockoutSafetyCheck": false}), Value::Null),
+                record("ev-snap-del", &t, "ScheduleKeyDeletion", &was_disabled_arn,
+                    json!({"keyId": was_disabled, "pendingWindowInDays": 7}),
+                    json!({"keyId": was_disabled_arn, "deletionDate": iso_in_days(7), "keyState": "PendingDeletion", "pendingWindowInDays": 7})),
+            ]),
+        )
+        .await;
+    let p = wait_remediation(work.path(), "ev-snap-pol").await;
+    let d = wait_remediation(work.path(), "ev-snap-del").await;
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+
+    assert_eq!(p["action"]["outcome"], "performed", "{p}");
+    assert!(
+        p["action"]["before"]["restore_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("inventory snapshot"),
+        "{p}"
+    );
+    assert_eq!(p["action"]["after"]["policy_open"], "false", "{p}");
+    assert_eq!(
+        policy(&kms, &pol).await,
+        GOOD_POLICY,
+        "the observed policy is back"
+    );
+
+    assert_eq!(d["action"]["outcome"], "performed", "{d}");
+    assert_eq!(
+        d["action"]["before"]["state_before_event"], "Disabled",
+        "{d}"
+    );
+    assert_eq!(
+        d["action"]["calls"].as_array().unwrap().len(),
+        1,
+        "cancel only: {d}"
+    );
+    assert_eq!(
+        state(&kms, &was_disabled).await,
+        "Disabled",
+        "deletion cancelled; a key disabled before stays disabled"
+    );
+}
