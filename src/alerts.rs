@@ -2,11 +2,15 @@
 //! config, build channels, run `act::dispatch` on a small runtime, and print outcomes
 //! (JSON Lines on stdout, progress and a summary on stderr). Exit codes: 0 every alert
 //! delivered, 1 some alert not delivered, 2 bad config, channel name or input.
+//! `pending` and `retry` work on the daemon's alert queue: through its control socket
+//! while it runs, in its state directory otherwise.
 
 use anyhow::{bail, Context, Result};
 use kmsguard::act::clock::parse_duration;
-use kmsguard::act::config::AlertsFile;
+use kmsguard::act::config::{AlertsFile, ChannelConfig};
+use kmsguard::act::control;
 use kmsguard::act::dispatch::{self, DispatchEvent, Jitter, Outcome, Reporter, RetryPolicy};
+use kmsguard::act::queue::{self, PendingAlert};
 use kmsguard::act::route::Router;
 use kmsguard::act::{Alert, Channel};
 use kmsguard::RuleSet;
@@ -63,10 +67,25 @@ fn print_outcome(o: &Outcome) {
     }
 }
 
+/// The channels of `path`: a stand-alone alerts file, or the daemon's config (told
+/// apart by its `[state]` or `[sources]` table).
+fn load_channels(path: &Path) -> Result<Vec<ChannelConfig>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let is_daemon = toml::from_str::<toml::Table>(&text)
+        .map(|t| t.contains_key("state") || t.contains_key("sources"))
+        .unwrap_or(false);
+    if is_daemon {
+        Ok(kmsguard::config::Config::load(path)?.alert_channels)
+    } else {
+        Ok(AlertsFile::load(path)?)
+    }
+}
+
 /// `kmsguard alerts test CHANNEL --config FILE`
 pub fn test(channel: &str, config: &Path, retry_for: &str) -> Result<ExitCode> {
     let policy = policy(retry_for)?;
-    let configs = AlertsFile::load(config)?;
+    let configs = load_channels(config)?;
     let Some(cfg) = configs.iter().find(|c| c.name() == channel) else {
         let names: Vec<&str> = configs.iter().map(|c| c.name()).collect();
         bail!(
@@ -184,4 +203,109 @@ pub fn send(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Asks the running daemon, or else opens its state directory.
+fn with_queue<T>(
+    config: &Path,
+    request: &str,
+    from_daemon: impl FnOnce(control::Answer) -> Option<T>,
+    from_store: impl FnOnce(&kmsguard::store::Store, &[String]) -> Result<T>,
+) -> Result<T> {
+    let cfg = kmsguard::config::Config::load(config)?;
+    let names: Vec<String> = cfg
+        .alert_channels
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    if let Some(answer) = runtime()?.block_on(control::request(&cfg.state_dir, request))? {
+        return from_daemon(answer).context("the daemon's answer lacks the result");
+    }
+    if !cfg.state_dir.join("db").exists() {
+        bail!(
+            "{}: no state in {} yet (has the daemon run with this config?)",
+            config.display(),
+            cfg.state_dir.display()
+        );
+    }
+    let store = kmsguard::store::Store::open(&cfg.state_dir).with_context(|| {
+        format!(
+            "no daemon answers on {} and the state cannot be opened",
+            control::socket_path(&cfg.state_dir).display()
+        )
+    })?;
+    from_store(&store, &names)
+}
+
+/// `kmsguard alerts pending --config FILE`
+pub fn pending(config: &Path) -> Result<ExitCode> {
+    let alerts: Vec<PendingAlert> = with_queue(
+        config,
+        "pending",
+        |a| a.pending,
+        |store, _| Ok(queue::pending(store)?),
+    )?;
+    let mut out = std::io::stdout().lock();
+    for a in &alerts {
+        if let Ok(line) = serde_json::to_string(a) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = out.flush();
+    let mut channels: Vec<&str> = alerts.iter().map(|a| a.channel.as_str()).collect();
+    channels.dedup();
+    if channels.is_empty() {
+        eprintln!("no alert waits: every alert was delivered");
+    }
+    for c in channels {
+        let of = |state: &str| {
+            alerts
+                .iter()
+                .filter(|a| a.channel == c && a.state == state)
+                .collect::<Vec<_>>()
+        };
+        let (queued, parked) = (of("queued"), of("parked"));
+        let mut line = format!("{c}: {} queued, {} parked", queued.len(), parked.len());
+        if let Some(first) = queued.first() {
+            line.push_str(&format!("; oldest queued at {}", first.queued_at));
+        }
+        if let Some(e) = queued
+            .iter()
+            .chain(&parked)
+            .filter_map(|a| a.last_error.as_deref())
+            .next_back()
+        {
+            line.push_str(&format!("; last error: {e}"));
+        }
+        eprintln!("{line}");
+    }
+    Ok(if alerts.iter().any(|a| a.state == "parked") {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `kmsguard alerts retry --config FILE [CHANNEL]`
+pub fn retry(config: &Path, channel: Option<&str>) -> Result<ExitCode> {
+    let request = match channel {
+        Some(c) => format!("retry {c}"),
+        None => "retry".to_string(),
+    };
+    let n = with_queue(
+        config,
+        &request,
+        |a| a.requeued,
+        |store, names| {
+            if let Some(c) = channel.filter(|c| !names.iter().any(|n| n == c)) {
+                return Err(control::unknown(c, names).into());
+            }
+            Ok(queue::retry(store, channel, SystemTime::now())?)
+        },
+    )?;
+    eprintln!(
+        "{n} parked alert(s) re-queued{}",
+        channel.map(|c| format!(" on {c}")).unwrap_or_default()
+    );
+    Ok(ExitCode::SUCCESS)
 }

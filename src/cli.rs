@@ -279,7 +279,8 @@ pub enum AlertsCommand {
     Test {
         /// The channel's `name` in the config file.
         channel: String,
-        /// TOML file with [[sinks.email]] and [[sinks.webhook]] tables (docs/alerts.md).
+        /// TOML file with [[sinks.email]] and [[sinks.webhook]] tables (docs/alerts.md),
+        /// or the daemon's config file.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         /// Retry transient failures for this long, e.g. 30s, 5m [default: one attempt].
@@ -303,6 +304,26 @@ pub enum AlertsCommand {
         /// Retry transient failures of an alert for this long, e.g. 30s, 5m.
         #[arg(long, value_name = "DURATION", default_value = "5m")]
         retry_for: String,
+    },
+    /// List the alerts the daemon has not delivered yet, per channel, and the parked ones.
+    #[command(
+        after_help = "Examples:\n  kmsguard alerts pending --config /etc/kmsguard/kmsguard.toml\n\nAsks the running daemon (through control.sock in its state directory), or reads the\nstate directory when no daemon runs. Prints one JSON line per alert on stdout and a\nsummary per channel on stderr. Exit codes: 0 nothing parked; 1 some alert parked;\n2 bad config or unreadable state."
+    )]
+    Pending {
+        /// The daemon's config file (its [state] dir holds the alert queue).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Re-queue parked alerts (of one channel, or all) for delivery.
+    #[command(
+        after_help = "Examples:\n  kmsguard alerts retry --config /etc/kmsguard/kmsguard.toml oncall-mail\n  kmsguard alerts retry --config /etc/kmsguard/kmsguard.toml\n\nParked alerts go back to the front of their channel's queue and are tried at once,\nwith a fresh park_after. Exit codes: 0 done; 2 bad config, channel name or state."
+    )]
+    Retry {
+        /// The daemon's config file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this channel's parked alerts [default: every channel's].
+        channel: Option<String>,
     },
 }
 

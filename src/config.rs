@@ -39,6 +39,8 @@ pub struct RawConfig {
     pub baseline: BaselineConfig,
     #[serde(default)]
     pub daemon: RawDaemon,
+    #[serde(default)]
+    pub alerts: RawAlerts,
     /// Automatic remediation (docs/remediation.md); absent: none.
     pub remediation: Option<crate::remediate::RawRemediation>,
 }
@@ -87,6 +89,25 @@ pub struct RawSinks {
     pub file: Vec<RawFileSink>,
     #[serde(default)]
     pub archive: Vec<RawArchiveSink>,
+    /// Alert channels (docs/alerts.md): the same tables as `kmsguard alerts --config`.
+    #[serde(default)]
+    pub email: Vec<crate::act::config::EmailSink>,
+    #[serde(default)]
+    pub webhook: Vec<crate::act::config::WebhookSink>,
+}
+
+/// `[alerts]`: how the daemon delivers to alert channels (docs/alerts.md, "The daemon").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// How long an alert is retried before it is parked (default "1h").
+    pub park_after: Option<String>,
+}
+
+/// Validated `[alerts]` settings.
+#[derive(Debug, Clone)]
+pub struct AlertsSettings {
+    pub park_after: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -306,6 +327,9 @@ pub struct Config {
     pub sqs: Vec<SqsSourceConfig>,
     pub file_sinks: Vec<FileSinkConfig>,
     pub archive_sinks: Vec<ArchiveSinkConfig>,
+    /// Alert channels (`[[sinks.email]]`, `[[sinks.webhook]]`), secrets not loaded yet.
+    pub alert_channels: Vec<crate::act::config::ChannelConfig>,
+    pub alerts: AlertsSettings,
     pub metrics_listen: Option<SocketAddr>,
     pub baseline: BaselineConfig,
     pub files_in_flight: usize,
@@ -414,9 +438,41 @@ impl Config {
             }
             archive_sinks.push(c);
         }
-        if file_sinks.is_empty() && archive_sinks.is_empty() {
-            problems.push("no sink: add [[sinks.file]] path = \"/var/lib/kmsguard/findings.jsonl\" so findings go somewhere".into());
+        let channels = crate::act::config::AlertSinks {
+            email: raw.sinks.email.clone(),
+            webhook: raw.sinks.webhook.clone(),
+        };
+        let alert_channels = match channels.validate() {
+            Ok(c) => c,
+            Err(e) => {
+                // Each line names its key, e.g. `sinks.email[0].to: names no recipient; ...`.
+                problems.extend(e.to_string().lines().map(str::to_string));
+                Vec::new()
+            }
+        };
+        if file_sinks.is_empty()
+            && archive_sinks.is_empty()
+            && raw.sinks.email.is_empty()
+            && raw.sinks.webhook.is_empty()
+        {
+            problems.push("no sink: add [[sinks.file]] path = \"/var/lib/kmsguard/findings.jsonl\" (or an alert channel, docs/alerts.md) so findings go somewhere".into());
         }
+        let park_after = match raw.alerts.park_after.as_deref() {
+            None => std::time::Duration::from_secs(3600),
+            Some(s) => match crate::act::clock::parse_duration(s) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    problems.push(
+                        "[alerts] park_after = \"0s\": use a time above 0, e.g. \"1h\"".into(),
+                    );
+                    std::time::Duration::from_secs(3600)
+                }
+                Err(m) => {
+                    problems.push(format!("[alerts] park_after: {m}"));
+                    std::time::Duration::from_secs(3600)
+                }
+            },
+        };
         let metrics_listen = match raw.metrics.listen.as_deref() {
             None => None,
             Some(s) => match s.parse::<SocketAddr>() {
@@ -472,6 +528,8 @@ impl Config {
             sqs,
             file_sinks,
             archive_sinks,
+            alert_channels,
+            alerts: AlertsSettings { park_after },
             metrics_listen,
             baseline: raw.baseline.clone(),
             files_in_flight,
@@ -591,5 +649,42 @@ listen = "127.0.0.1:9464"
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `sate`"), "{e}");
+    }
+
+    const ALERTS_BASE: &str = "[state]\ndir = \"/var/lib/kmsguard\"\n[[sources.sqs]]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/111122223333/q\"\n";
+
+    #[test]
+    fn alert_channels_are_sinks_of_their_own() {
+        let text = format!("{ALERTS_BASE}[alerts]\npark_after = \"30m\"\n[[sinks.email]]\nname = \"mail\"\nhost = \"127.0.0.1\"\nfrom = \"k@example.com\"\nto = [\"a@example.com\"]\n[[sinks.webhook]]\nname = \"pager\"\nformat = \"pagerduty\"\nurl = \"https://events.pagerduty.com/v2/enqueue\"\nrouting_key_env = \"PD\"\n");
+        let c = Config::parse(&text, Path::new("k.toml")).unwrap();
+        assert!(c.file_sinks.is_empty(), "channels alone are enough");
+        let names: Vec<&str> = c.alert_channels.iter().map(|c| c.name()).collect();
+        assert_eq!(names, ["mail", "pager"]);
+        assert_eq!(c.alerts.park_after, std::time::Duration::from_secs(1800));
+        let d = Config::parse(ALERTS_BASE, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(d.contains("no sink"), "{d}");
+    }
+
+    #[test]
+    fn alert_channel_problems_name_the_key() {
+        let text = format!("{ALERTS_BASE}[alerts]\npark_after = \"0s\"\n[[sinks.webhook]]\nname = \"w\"\nurl = \"https://h.example.com/x\"\nsecret = \"inline\"\n");
+        let e = Config::parse(&text, Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[alerts] park_after = \"0s\""), "{e}");
+        assert!(
+            e.contains("sinks.webhook[0].secret: secrets are not accepted"),
+            "{e}"
+        );
+        assert!(!e.contains("inline"), "the secret is not repeated: {e}");
+        let e = Config::parse(
+            &format!("{ALERTS_BASE}[alerts]\nretry = 1\n"),
+            Path::new("k.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `retry`"), "{e}");
     }
 }

@@ -46,6 +46,10 @@ pub enum DaemonError {
     },
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("alert channel: {0}")]
+    Alerts(#[from] crate::act::config::ConfigError),
+    #[error(transparent)]
+    Control(#[from] crate::act::control::ControlError),
 }
 
 /// Why a file could not be analyzed.
@@ -161,34 +165,63 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .store(store.outbox_len() as i64, Ordering::Relaxed);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(cfg.files_in_flight * 2);
-    let sinks: Arc<Vec<Sink>> = Arc::new(
-        cfg.file_sinks
+    let wake = Arc::new(Notify::new());
+    let mut sink_list: Vec<Sink> = cfg
+        .file_sinks
+        .iter()
+        .cloned()
+        .map(Sink::File)
+        .chain(cfg.archive_sinks.iter().map(|a| {
+            Sink::Archive(Box::new(crate::archive::ArchiveSink::new(
+                a.clone(),
+                &sdk,
+                &cfg.aws,
+            )))
+        }))
+        .chain(cfg.remediation.iter().map(|r| {
+            Sink::Remediate(Arc::new(crate::remediate::Engine::new(
+                r.clone(),
+                sdk.clone(),
+                Some(store.clone()),
+            )))
+        }))
+        .collect();
+    // Alert channels: one sink routes findings into the alert queue, one task per
+    // channel delivers from it (secrets are loaded here, before anything starts).
+    let mut channels = Vec::new();
+    if !cfg.alert_channels.is_empty() {
+        for c in &cfg.alert_channels {
+            channels.push(crate::act::Channel::build(c)?);
+        }
+        let descriptions = rules
+            .rules()
             .iter()
-            .cloned()
-            .map(Sink::File)
-            .chain(cfg.archive_sinks.iter().map(|a| {
-                Sink::Archive(Box::new(crate::archive::ArchiveSink::new(
-                    a.clone(),
-                    &sdk,
-                    &cfg.aws,
-                )))
-            }))
-            .chain(cfg.remediation.iter().map(|r| {
-                Sink::Remediate(Arc::new(crate::remediate::Engine::new(
-                    r.clone(),
-                    sdk.clone(),
-                    Some(store.clone()),
-                )))
-            }))
-            .collect(),
-    );
+            .map(|r| (r.id.clone(), r.description.trim().to_string()))
+            .collect();
+        let alerts = crate::act::sink::AlertsSink::open(
+            store.clone(),
+            cfg.alert_channels.clone(),
+            descriptions,
+            metrics.clone(),
+        )?;
+        sink_list.push(Sink::Alerts(Arc::new(alerts)));
+    }
+    let names: Vec<String> = cfg
+        .alert_channels
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    for (channel, n) in crate::act::queue::orphans(&store, &names)? {
+        warn!(channel, alerts = n, "alerts wait for a channel that is not configured (renamed or removed?); they are kept until it is configured again");
+    }
+    let sinks: Arc<Vec<Sink>> = Arc::new(sink_list);
     let shared = Arc::new(Shared {
         rules: RwLock::new(Arc::new(rules)),
         store: store.clone(),
         metrics: metrics.clone(),
         s3,
         jobs: jobs_tx,
-        outbox: Arc::new(Notify::new()),
+        outbox: wake.clone(),
         sinks: sinks.clone(),
         limits: DecodeLimits::default(),
         in_flight: Mutex::new(HashMap::new()),
@@ -230,6 +263,30 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut deliverers = tokio::task::JoinSet::new();
     for i in 0..sinks.len() {
         deliverers.spawn(deliver_loop(shared.clone(), i, shutdown_rx.clone()));
+    }
+    if !cfg.alert_channels.is_empty() {
+        let listener = crate::act::control::bind(&cfg.state_dir)?;
+        tasks.spawn(crate::act::control::serve(
+            listener,
+            store.clone(),
+            cfg.alert_channels
+                .iter()
+                .map(|c| c.name().to_string())
+                .collect(),
+            wake.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    for channel in channels {
+        let task = crate::act::queue::ChannelTask {
+            store: store.clone(),
+            channel,
+            park_after: cfg.alerts.park_after,
+            metrics: metrics.clone(),
+            wake: wake.clone(),
+            sinks: sinks.clone(),
+        };
+        deliverers.spawn(crate::act::queue::run_channel(task, shutdown_rx.clone()));
     }
 
     let notifier = Arc::new(Notifier::from_env());
@@ -879,10 +936,16 @@ fn analyze_job(
         failed: if failed { entries } else { Vec::new() },
         baselines: pipeline::dirty_baselines(det),
         outbox,
-        delivered: Vec::new(),
+        ..Commit::default()
     };
     let n_outbox = commit.outbox.len() as i64;
     shared.store.commit(&commit)?;
+    // Durable before the SQS message is deleted: sled writes its log to the file only
+    // every 500 ms, and a kill -9 in between would lose a file whose message is gone.
+    shared.store.flush()?;
+    for sink in shared.sinks.iter() {
+        sink.note_committed(&findings);
+    }
     det.trim_cache(100_000);
     let m = &shared.metrics;
     m.outbox_depth.fetch_add(n_outbox, Ordering::Relaxed);
@@ -925,19 +988,23 @@ async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Rec
             if *shutdown.borrow() {
                 return;
             }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = shutdown.changed() => {}
+            // A sink with timed output (alert groups, digests) is called with nothing.
+            if !shared.sinks[sink].tick_due(std::time::SystemTime::now()) {
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
             }
-            continue;
         }
         let (mut keys, findings): (Vec<String>, Vec<Finding>) = batch.into_iter().unzip();
         match shared.sinks[sink].deliver(&findings).await {
             Ok(outbox::Delivery {
                 accepted: 0,
                 follow_ups,
-            }) if follow_ups.is_empty() => {
+                state,
+            }) if follow_ups.is_empty() && state.is_empty() => {
                 // The sink waits for more (or for time to pass) before it takes these.
                 // At most four calls a second: each one reads the whole batch again.
                 backoff.reset();
@@ -957,16 +1024,20 @@ async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Rec
             Ok(outbox::Delivery {
                 accepted,
                 follow_ups,
+                state,
             }) => {
                 backoff.reset();
                 keys.truncate(accepted.min(keys.len()));
                 let n = keys.len();
-                if let Err(e) = outbox::delivered(&shared.store, &shared.sinks, keys, &follow_ups) {
+                let wake = !follow_ups.is_empty() || !state.is_empty();
+                if let Err(e) =
+                    outbox::delivered(&shared.store, &shared.sinks, keys, &follow_ups, state)
+                {
                     error!(sink = name, error = %e, "delivered, but cannot record it: the batch may be delivered again");
                     shared.metrics.error("outbox");
                     continue;
                 }
-                if !follow_ups.is_empty() {
+                if wake {
                     shared.outbox.notify_waiters();
                 }
                 shared

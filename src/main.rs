@@ -42,6 +42,10 @@ fn main() -> ExitCode {
             rules,
             retry_for,
         }) => alerts::send(&config, findings.as_deref(), rules.as_deref(), &retry_for),
+        Command::Alerts(AlertsCommand::Pending { config }) => alerts::pending(&config),
+        Command::Alerts(AlertsCommand::Retry { config, channel }) => {
+            alerts::retry(&config, channel.as_deref())
+        }
         Command::BenchInflate { paths } => bench_inflate(paths),
         Command::Baseline(cmd) => baseline(cmd),
         Command::Run { config, log_format } => run_daemon(config, log_format),
@@ -781,10 +785,11 @@ fn check_config(file: std::path::PathBuf) -> Result<ExitCode> {
     let cfg = kmsguard::config::Config::load(&file)?;
     let rules = kmsguard::daemon::load_rules(&cfg)?;
     println!(
-        "{}: ok ({} queue(s), {} file sink(s), {} rules from {}, state in {})",
+        "{}: ok ({} queue(s), {} file sink(s), {} alert channel(s), {} rules from {}, state in {})",
         file.display(),
         cfg.sqs.len(),
         cfg.file_sinks.len(),
+        cfg.alert_channels.len(),
         rules.rules().len(),
         rules.origin,
         cfg.state_dir.display()

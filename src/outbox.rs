@@ -2,11 +2,13 @@
 //! wants it, keyed `SINK/SEQUENCE` so each sink sees them in commit order) are delivered
 //! by sink, and an entry is removed only after its sink accepted it. A sink may answer
 //! with follow-up findings (e.g. what a remediation did); those are committed to the
-//! outbox for the other sinks in the same transaction that removes the delivered entries.
+//! outbox for the other sinks in the same transaction that removes the delivered entries,
+//! and so are writes to the sink's own state (`Delivery::state`, e.g. the alert routers
+//! and the alert queue).
 
 use crate::analyze::finding::Finding;
 use crate::config::FileSinkConfig;
-use crate::store::{Commit, Store, StoreError};
+use crate::store::{Commit, StateWrite, Store, StoreError};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -30,6 +32,9 @@ pub struct Delivery {
     pub accepted: usize,
     /// Findings to enqueue for the other sinks (e.g. what a remediation did).
     pub follow_ups: Vec<Finding>,
+    /// Writes to the sink's own trees, committed with the removal of the accepted
+    /// entries (so a crash cannot separate "consumed" from what consuming changed).
+    pub state: Vec<StateWrite>,
 }
 
 /// A consumer of the outbox. A closed set: add a variant to add a kind of sink.
@@ -39,6 +44,9 @@ pub enum Sink {
     /// Seals findings into envelope-encrypted archive segments (docs/archive.md); takes
     /// them only once a whole segment is written.
     Archive(Box<crate::archive::ArchiveSink>),
+    /// Email and webhook channels: routes findings into the durable alert queue
+    /// (`act::sink`), from which `act::queue::run_channel` tasks deliver.
+    Alerts(Arc<crate::act::sink::AlertsSink>),
     /// Runs automatic remediation (`src/remediate.rs`) on findings whose rule has a
     /// remediation hint; answers with the `kind: "remediation"` findings as follow-ups.
     Remediate(Arc<crate::remediate::Engine>),
@@ -49,6 +57,7 @@ impl Sink {
         match self {
             Sink::File(f) => format!("file:{}", f.path.display()),
             Sink::Archive(a) => a.name(),
+            Sink::Alerts(a) => format!("alerts:{}", a.channel_names().join(",")),
             Sink::Remediate(_) => "remediate".into(),
         }
     }
@@ -67,7 +76,24 @@ impl Sink {
         match self {
             Sink::File(c) => f.severity >= c.min_severity,
             Sink::Archive(a) => a.accepts(f),
+            Sink::Alerts(a) => a.accepts(f),
             Sink::Remediate(e) => e.accepts(f),
+        }
+    }
+
+    /// Whether the sink wants `deliver` called with an empty batch at `now` (timed
+    /// output, e.g. a group whose wait is over).
+    pub fn tick_due(&self, now: std::time::SystemTime) -> bool {
+        match self {
+            Sink::File(_) | Sink::Archive(_) | Sink::Remediate(_) => false,
+            Sink::Alerts(a) => a.tick_due(now),
+        }
+    }
+
+    /// Told after findings were committed to the outbox (before any delivery).
+    pub fn note_committed(&self, findings: &[Finding]) {
+        if let Sink::Alerts(a) = self {
+            a.note_committed(findings);
         }
     }
 
@@ -98,10 +124,11 @@ impl Sink {
                 })?;
                 Ok(Delivery {
                     accepted: batch.len(),
-                    follow_ups: Vec::new(),
+                    ..Delivery::default()
                 })
             }
             Sink::Archive(a) => a.deliver(batch).await,
+            Sink::Alerts(a) => a.deliver(batch, std::time::SystemTime::now()),
             // Never an error: a failed remediation is reported as a finding, and
             // retrying the batch would act twice (the engine reads state first anyway).
             Sink::Remediate(engine) => {
@@ -112,6 +139,7 @@ impl Sink {
                 Ok(Delivery {
                     accepted: batch.len(),
                     follow_ups,
+                    ..Delivery::default()
                 })
             }
         }
@@ -152,17 +180,20 @@ pub fn pending(
     Ok(out)
 }
 
-/// Records a delivered batch: removes its entries and enqueues follow-ups, atomically.
+/// Records a delivered batch: removes its entries, enqueues follow-ups and applies the
+/// sink's state writes, atomically.
 pub fn delivered(
     store: &Store,
     sinks: &[Sink],
     keys: Vec<String>,
     follow_ups: &[Finding],
+    state: Vec<StateWrite>,
 ) -> Result<(), StoreError> {
     let outbox = entries_for(store, sinks, follow_ups)?;
     store.commit(&Commit {
         delivered: keys,
         outbox,
+        state,
         ..Commit::default()
     })
 }

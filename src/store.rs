@@ -4,6 +4,8 @@
 //! trees other modules ask for by name (`tree`). A file's effects (its ledger entry, the
 //! baselines it changed, the findings it produced) are committed in one transaction, so
 //! a crash never leaves half-applied state and a redelivered file is never counted twice.
+//! A `Commit` may also write other modules' trees (`StateWrite`), so a sink's own state
+//! changes in the transaction that removes what it consumed from the outbox.
 
 use serde::{de::DeserializeOwned, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -58,6 +60,36 @@ pub struct Commit {
     pub outbox: Vec<(String, Vec<u8>)>,
     /// Outbox entries delivered, removed in the same transaction.
     pub delivered: Vec<String>,
+    /// Writes to other modules' trees (`Store::tree`), in the same transaction: e.g. a
+    /// sink's own state that must change together with the removal of what it consumed.
+    pub state: Vec<StateWrite>,
+}
+
+/// One write to a named tree inside a `Commit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateWrite {
+    pub tree: &'static str,
+    pub key: Vec<u8>,
+    /// `None` deletes the key.
+    pub value: Option<Vec<u8>>,
+}
+
+impl StateWrite {
+    pub fn put(tree: &'static str, key: impl Into<Vec<u8>>, value: Vec<u8>) -> StateWrite {
+        StateWrite {
+            tree,
+            key: key.into(),
+            value: Some(value),
+        }
+    }
+
+    pub fn delete(tree: &'static str, key: impl Into<Vec<u8>>) -> StateWrite {
+        StateWrite {
+            tree,
+            key: key.into(),
+            value: None,
+        }
+    }
 }
 
 impl Commit {
@@ -67,6 +99,7 @@ impl Commit {
             && self.baselines.is_empty()
             && self.outbox.is_empty()
             && self.delivered.is_empty()
+            && self.state.is_empty()
     }
 }
 
@@ -211,30 +244,48 @@ impl Store {
         if c.is_empty() {
             return Ok(());
         }
-        let result: Result<(), TransactionError<()>> =
-            (&self.ledger, &self.baselines, &self.outbox).transaction(
-                |(ledger, baselines, outbox)| {
-                    for k in &c.ledger {
-                        ledger.insert(k.as_bytes(), LEDGER_OK)?;
-                    }
-                    for k in &c.failed {
-                        ledger.insert(k.as_bytes(), LEDGER_FAILED)?;
-                    }
-                    for (k, v) in &c.baselines {
-                        match v {
-                            Some(v) => baselines.insert(k.as_bytes(), v.as_slice())?,
-                            None => baselines.remove(k.as_bytes())?,
-                        };
-                    }
-                    for k in &c.delivered {
-                        outbox.remove(k.as_bytes())?;
-                    }
-                    for (k, v) in &c.outbox {
-                        outbox.insert(k.as_bytes(), v.as_slice())?;
-                    }
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                },
-            );
+        // The three fixed trees, then each other tree named by a state write.
+        let mut names: Vec<&'static str> = Vec::new();
+        for w in &c.state {
+            if !names.contains(&w.tree) {
+                names.push(w.tree);
+            }
+        }
+        let extra: Vec<sled::Tree> = names
+            .iter()
+            .map(|n| self.db.open_tree(n))
+            .collect::<Result<_, _>>()?;
+        let mut trees: Vec<&sled::Tree> = vec![&self.ledger, &self.baselines, &self.outbox];
+        trees.extend(extra.iter());
+        let result: Result<(), TransactionError<()>> = trees.as_slice().transaction(|t| {
+            let (ledger, baselines, outbox) = (&t[0], &t[1], &t[2]);
+            for k in &c.ledger {
+                ledger.insert(k.as_bytes(), LEDGER_OK)?;
+            }
+            for k in &c.failed {
+                ledger.insert(k.as_bytes(), LEDGER_FAILED)?;
+            }
+            for (k, v) in &c.baselines {
+                match v {
+                    Some(v) => baselines.insert(k.as_bytes(), v.as_slice())?,
+                    None => baselines.remove(k.as_bytes())?,
+                };
+            }
+            for k in &c.delivered {
+                outbox.remove(k.as_bytes())?;
+            }
+            for (k, v) in &c.outbox {
+                outbox.insert(k.as_bytes(), v.as_slice())?;
+            }
+            for w in &c.state {
+                let i = 3 + names.iter().position(|n| *n == w.tree).unwrap_or(0);
+                match &w.value {
+                    Some(v) => t[i].insert(w.key.as_slice(), v.as_slice())?,
+                    None => t[i].remove(w.key.as_slice())?,
+                };
+            }
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
         match result {
             Ok(()) => Ok(()),
             Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
@@ -326,6 +377,7 @@ mod tests {
                 baselines: vec![("p".into(), Some(b"{}".to_vec()))],
                 outbox: vec![("0001".into(), b"x".to_vec())],
                 delivered: Vec::new(),
+                state: vec![StateWrite::put("mine", "k", b"v".to_vec())],
             })
             .unwrap();
             s.flush().unwrap();
@@ -340,6 +392,10 @@ mod tests {
         assert!(s.next_id().unwrap() < s.next_id().unwrap());
         assert_eq!(s.baseline_raw("p").unwrap().unwrap(), b"{}");
         assert_eq!(s.outbox_len(), 1);
+        assert_eq!(
+            s.tree("mine").unwrap().get("k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 
     #[test]

@@ -46,6 +46,27 @@ pub struct Metrics {
     pub heartbeat: AtomicI64,
     findings: Mutex<BTreeMap<(String, String), u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
+    alerts: Mutex<BTreeMap<String, AlertStats>>,
+}
+
+/// Counters and gauges of one alert channel.
+#[derive(Debug, Clone, Default)]
+pub struct AlertStats {
+    /// Alerts the channel accepted.
+    pub sent: u64,
+    /// Failed attempts.
+    pub failed: u64,
+    /// Attempts after a failure.
+    pub retried: u64,
+    /// Alerts parked (given up on until `alerts retry`).
+    pub parked: u64,
+    /// Alerts held back by the channel's rate limit.
+    pub suppressed: u64,
+    /// Alerts waiting now, and parked now.
+    pub queued: i64,
+    pub parked_now: i64,
+    /// Unix ms when the oldest waiting alert was queued (0: none).
+    pub oldest_ms: u64,
 }
 
 pub fn now_secs() -> i64 {
@@ -68,6 +89,12 @@ impl Metrics {
     pub fn error(&self, kind: &str) {
         let mut m = self.errors.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry(kind.to_string()).or_default() += 1;
+    }
+
+    /// Updates the stats of alert channel `channel`.
+    pub fn alert(&self, channel: &str, f: impl FnOnce(&mut AlertStats)) {
+        let mut m = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
+        f(m.entry(channel.to_string()).or_default());
     }
 
     pub fn beat(&self) {
@@ -152,6 +179,84 @@ impl Metrics {
         );
         for (kind, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             out.push_str(&format!("kmsguard_errors_total{{kind=\"{kind}\"}} {n}\n"));
+        }
+        let alerts = self
+            .alerts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        type Pick = fn(&AlertStats, u64) -> String;
+        let per_channel: [(&str, &str, &str, Pick); 8] = [
+            (
+                "alerts_sent_total",
+                "counter",
+                "Alerts accepted by their channel (SMTP 250, HTTP 2xx).",
+                |s, _| s.sent.to_string(),
+            ),
+            (
+                "alerts_failed_total",
+                "counter",
+                "Failed delivery attempts.",
+                |s, _| s.failed.to_string(),
+            ),
+            (
+                "alerts_retried_total",
+                "counter",
+                "Delivery attempts after a failure.",
+                |s, _| s.retried.to_string(),
+            ),
+            (
+                "alerts_parked_total",
+                "counter",
+                "Alerts parked after park_after or a permanent failure.",
+                |s, _| s.parked.to_string(),
+            ),
+            (
+                "alerts_suppressed_total",
+                "counter",
+                "Alerts held back by the channel's rate limit.",
+                |s, _| s.suppressed.to_string(),
+            ),
+            (
+                "alerts_queued",
+                "gauge",
+                "Alerts waiting for delivery.",
+                |s, _| s.queued.to_string(),
+            ),
+            (
+                "alerts_parked",
+                "gauge",
+                "Alerts parked now (kmsguard alerts retry re-queues them).",
+                |s, _| s.parked_now.to_string(),
+            ),
+            (
+                "alerts_outbox_age_seconds",
+                "gauge",
+                "Age of the oldest alert waiting for delivery.",
+                |s, now| {
+                    if s.oldest_ms == 0 {
+                        "0".into()
+                    } else {
+                        format!("{:.3}", now.saturating_sub(s.oldest_ms) as f64 / 1000.0)
+                    }
+                },
+            ),
+        ];
+        if !alerts.is_empty() {
+            for (name, kind, help, pick) in per_channel {
+                out.push_str(&format!(
+                    "# HELP kmsguard_{name} {help}\n# TYPE kmsguard_{name} {kind}\n"
+                ));
+                for (channel, s) in &alerts {
+                    out.push_str(&format!(
+                        "kmsguard_{name}{{channel=\"{channel}\"}} {}\n",
+                        pick(s, now_ms)
+                    ));
+                }
+            }
         }
         let now = now_secs();
         let lag = |t: i64| if t > 0 { (now - t).max(0) } else { 0 };

@@ -65,7 +65,7 @@ pub struct AlertsFile {
     pub sinks: AlertSinks,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertSinks {
     #[serde(default)]
@@ -96,7 +96,7 @@ pub struct RawRateLimit {
 }
 
 /// One `[[sinks.email]]` table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailSink {
     pub name: String,
@@ -149,7 +149,7 @@ pub enum WebhookFormat {
 }
 
 /// One `[[sinks.webhook]]` table.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSink {
     pub name: String,

@@ -8,21 +8,23 @@
 //! Routing (filters, grouping, digests, rate limits) is pure logic in `route`; rendering
 //! of attacker-controlled text (headers, HTML, Slack markup) lives in `render`.
 //!
-//! For the daemon's outbox, the intended flow per channel is: validate config
-//! (`config::AlertSinks::validate`, at startup), `Channel::build` (loads secrets),
-//! `route::Router::offer(finding, now)` / `tick(now)` / `flush(now)` for each finding and
-//! periodically; store every returned `Alert` (serializable, stable `id`) in the outbox
-//! together with `Router::state()` in the same batch, so a crash loses neither; deliver
-//! with `Channel::deliver`; remove on `Ok`, reschedule with `backoff` on
-//! `DeliveryError::Transient`, park on `Permanent` or when too old.
+//! In the daemon, `sink::AlertsSink` is the outbox sink of all channels: it routes
+//! findings and answers with state writes (router state, `queue` entries) that the
+//! outbox commits with the removal of what it consumed; `queue::run_channel` delivers
+//! each channel's queue with backoff across restarts, parks what cannot be delivered
+//! (with a `health` finding), and `control` lets `kmsguard alerts pending|retry` reach
+//! a running daemon.
 
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod dispatch;
 pub mod email;
+pub mod queue;
 pub mod render;
 pub mod route;
 pub mod secret;
+pub mod sink;
 pub mod webhook;
 
 use crate::analyze::finding::{Finding, Kind, Severity};

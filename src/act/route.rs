@@ -313,6 +313,8 @@ pub struct Router {
     groups: BTreeMap<String, Group>,
     digest: Option<DigestBuffer>,
     limit: LimitWindow,
+    /// Alerts held back by the rate limit since this router was made (for metrics).
+    suppressed_total: u64,
 }
 
 impl Router {
@@ -323,6 +325,7 @@ impl Router {
             groups: BTreeMap::new(),
             digest: None,
             limit: LimitWindow::default(),
+            suppressed_total: 0,
         }
     }
 
@@ -338,7 +341,13 @@ impl Router {
                 .collect(),
             digest: state.digest,
             limit: state.limit,
+            suppressed_total: 0,
         }
+    }
+
+    /// Alerts the rate limit held back since this router was made (not persisted).
+    pub fn suppressed_total(&self) -> u64 {
+        self.suppressed_total
     }
 
     /// A copy of the state, to persist.
@@ -493,6 +502,7 @@ impl Router {
             w.sent += 1;
             out.push(alert);
         } else {
+            self.suppressed_total += 1;
             w.suppressed += 1;
             w.max_severity = w.max_severity.max(Some(alert.severity()));
             w.first.get_or_insert(now);

@@ -6,6 +6,7 @@ mod alerts;
 mod archive;
 mod baselines;
 mod daemon;
+mod daemon_alerts;
 mod daemon_archive;
 mod forensic;
 mod moto_smoke;
