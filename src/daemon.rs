@@ -22,7 +22,7 @@ use crate::outbox::{self, DeliveryError, Sink};
 use crate::pipeline::{self, Analysis};
 use crate::source::notification::{parse_body, Notice, ObjectRef};
 use crate::store::{Commit, LedgerStatus, Store, StoreError};
-use crate::telemetry::{now_secs, Metrics, Notifier};
+use crate::telemetry::{Metrics, Notifier};
 use crate::RuleSet;
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use std::collections::HashMap;
@@ -123,24 +123,7 @@ pub fn health(rule: &str, severity: Severity, subject: &str, summary: String) ->
 }
 
 fn iso_now() -> String {
-    let t = now_secs();
-    let (days, rem) = (t.div_euclid(86400), t.rem_euclid(86400));
-    // Civil from days (Howard Hinnant).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::clock::format_rfc3339(std::time::SystemTime::now())
 }
 
 /// Loads the rules named by the config (built-in when none), plus extras.
@@ -215,6 +198,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         warn!(channel, alerts = n, "alerts wait for a channel that is not configured (renamed or removed?); they are kept until it is configured again");
     }
     let sinks: Arc<Vec<Sink>> = Arc::new(sink_list);
+    match outbox::orphaned(&store, &sinks) {
+        Ok(0) => {}
+        Ok(n) => warn!(
+            entries = n,
+            "findings wait in the outbox for a sink that is no longer configured; they stay there until it is configured again"
+        ),
+        Err(e) => warn!(error = %e, "cannot scan the outbox"),
+    }
     let shared = Arc::new(Shared {
         rules: RwLock::new(Arc::new(rules)),
         store: store.clone(),
@@ -976,7 +967,11 @@ async fn deliver_loop(shared: Arc<Shared>, sink: usize, mut shutdown: watch::Rec
         let notified = shared.outbox.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let batch = match outbox::pending(&shared.store, sink, shared.sinks[sink].batch_limit()) {
+        let batch = match outbox::pending(
+            &shared.store,
+            &shared.sinks[sink],
+            shared.sinks[sink].batch_limit(),
+        ) {
             Ok(b) => b,
             Err(e) => {
                 error!(sink = name, error = %e, "cannot read the outbox");
@@ -1098,7 +1093,8 @@ mod tests {
         let s = super::iso_now();
         assert_eq!(s.len(), 20);
         assert_eq!(
-            crate::analyze::baseline::parse_time(&s).map(|t| (t - super::now_secs()).abs() < 5),
+            crate::analyze::baseline::parse_time(&s)
+                .map(|t| (t - crate::telemetry::now_secs()).abs() < 5),
             Some(true)
         );
     }

@@ -12,6 +12,7 @@ pub mod act;
 pub mod analyze;
 pub mod archive;
 pub mod aws;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod decode;

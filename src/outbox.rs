@@ -62,6 +62,20 @@ impl Sink {
         }
     }
 
+    /// The prefix of this sink's outbox keys: a hash of what identifies the sink (a file
+    /// sink's path, an archive's destinations, ...), not its position in the config, so
+    /// adding or removing another sink never sends waiting entries to the wrong one.
+    pub fn key_prefix(&self) -> String {
+        use sha2::Digest;
+        let id = match self {
+            // The alert sink feeds its channels' own durable queues.
+            Sink::Alerts(_) => "alerts".to_string(),
+            other => other.name(),
+        };
+        let digest = sha2::Sha256::digest(id.as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The most entries one `deliver` call is given.
     pub fn batch_limit(&self) -> usize {
         match self {
@@ -155,24 +169,44 @@ pub fn entries_for(
     let mut out = Vec::new();
     for f in findings {
         let bytes = serde_json::to_vec(f).unwrap_or_default();
-        for (i, sink) in sinks.iter().enumerate() {
+        for sink in sinks {
             if sink.accepts(f) {
                 let seq = store.next_id()?;
-                out.push((format!("{i:04}/{seq:020}"), bytes.clone()));
+                out.push((format!("{}/{seq:020}", sink.key_prefix()), bytes.clone()));
             }
         }
     }
     Ok(out)
 }
 
+/// Outbox entries that belong to no configured sink (one removed or changed since they
+/// were committed): they stay in the outbox, and the daemon says so at start.
+pub fn orphaned(store: &Store, sinks: &[Sink]) -> Result<usize, StoreError> {
+    let known: Vec<String> = sinks
+        .iter()
+        .map(|s| format!("{}/", s.key_prefix()))
+        .collect();
+    let mut n = 0;
+    for entry in store.outbox_entries() {
+        let (k, _) = entry?;
+        if !known.iter().any(|p| k.starts_with(p)) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// The next batch of one sink's entries (at most `max`), oldest first.
 pub fn pending(
     store: &Store,
-    sink: usize,
+    sink: &Sink,
     max: usize,
 ) -> Result<Vec<(String, Finding)>, StoreError> {
     let mut out = Vec::new();
-    for entry in store.outbox_prefix(&format!("{sink:04}/")).take(max) {
+    for entry in store
+        .outbox_prefix(&format!("{}/", sink.key_prefix()))
+        .take(max)
+    {
         let (k, v) = entry?;
         let f: Finding = crate::store::decode("outbox", &k, &v)?;
         out.push((k, f));

@@ -15,7 +15,7 @@
 //! (with a `health` finding), and `control` lets `kmsguard alerts pending|retry` reach
 //! a running daemon.
 
-pub mod clock;
+pub use crate::clock;
 pub mod config;
 pub mod control;
 pub mod dispatch;

@@ -1,4 +1,5 @@
-//! Time for alerts without a date crate: RFC 3339 formatting of a `SystemTime`, parsing
+//! Time without a date crate, for every module: RFC 3339 formatting of a `SystemTime`
+//! or of Unix seconds, parsing
 //! of CloudTrail `eventTime`s (`2026-10-01T00:47:05Z`, fractions and offsets accepted),
 //! and config durations (`30s`, `5m`, `1h`, `1d`). Pure functions; nothing here reads
 //! the clock, callers pass `now` in.
@@ -14,7 +15,11 @@ pub fn unix_secs(t: SystemTime) -> u64 {
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, like CloudTrail's `eventTime`.
 pub fn format_rfc3339(t: SystemTime) -> String {
-    let secs = unix_secs(t) as i64;
+    format_unix(unix_secs(t) as i64)
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn format_unix(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
