@@ -24,7 +24,6 @@ use crate::source::notification::{parse_body, Notice, ObjectRef};
 use crate::store::{Commit, LedgerStatus, Store, StoreError};
 use crate::telemetry::{Metrics, Notifier};
 use crate::RuleSet;
-use aws_sdk_s3::error::ProvideErrorMetadata;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
@@ -835,21 +834,20 @@ async fn fetch(shared: &Shared, obj: &ObjectRef) -> Result<(Vec<u8>, Option<Stri
     let out = match resp {
         Ok(o) => o,
         Err(e) => {
-            let status = e.raw_response().map(|r| r.status().as_u16());
-            let code = e.code().unwrap_or("").to_string();
-            let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
-            return Err(match (status, code.as_str()) {
-                (_, "NoSuchKey") | (Some(404), _) => Fetch::Permanent {
+            use crate::source::s3::{classify_get_error, GetFailure};
+            return Err(match classify_get_error(&e) {
+                GetFailure::Missing(code) => Fetch::Permanent {
                     rule: "health-object-missing",
                     severity: Severity::Medium,
                     why: format!("the object is gone (deleted before it was read?): {code}"),
                 },
-                (_, "AccessDenied") | (Some(403), _) => Fetch::Permanent {
+                GetFailure::Denied(code) => Fetch::Permanent {
                     rule: "health-access-denied",
                     severity: Severity::High,
                     why: format!("access denied: give the daemon's role s3:GetObject on the trail prefix (docs/iam-policy.json): {code}"),
                 },
-                _ => Fetch::Transient(text),
+                // Unclear refusals are retried like transient ones, then released.
+                GetFailure::Transient(text) | GetFailure::Other(text) => Fetch::Transient(text),
             });
         }
     };

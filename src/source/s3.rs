@@ -328,6 +328,36 @@ impl Lister<'_> {
 }
 
 /// Throttling, server errors and failures without a response are worth retrying.
+/// Why a GetObject failed, as both replay and the daemon need to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GetFailure {
+    /// 404 / NoSuchKey: deleted before it was read.
+    Missing(String),
+    /// 403 / AccessDenied: the role lacks s3:GetObject on the prefix.
+    Denied(String),
+    /// Throttling, 5xx, timeouts, no answer: worth another try.
+    Transient(String),
+    /// Any other refusal: retrying will not help.
+    Other(String),
+}
+
+/// Classifies a GetObject error (the error code is kept in each message).
+pub fn classify_get_error(
+    e: &aws_sdk_s3::error::SdkError<aws_sdk_s3::operation::get_object::GetObjectError>,
+) -> GetFailure {
+    use aws_sdk_s3::error::ProvideErrorMetadata;
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let code = e.code().unwrap_or("").to_string();
+    match (status, code.as_str()) {
+        (_, "NoSuchKey") | (Some(404), _) => GetFailure::Missing(code),
+        (_, "AccessDenied") | (Some(403), _) => GetFailure::Denied(code),
+        _ if is_transient(status, &code) => {
+            GetFailure::Transient(aws_sdk_s3::error::DisplayErrorContext(e).to_string())
+        }
+        _ => GetFailure::Other(aws_sdk_s3::error::DisplayErrorContext(e).to_string()),
+    }
+}
+
 fn is_transient(status: Option<u16>, code: &str) -> bool {
     match status {
         None => true,
@@ -417,20 +447,16 @@ impl S3Reader {
         let out = match resp {
             Ok(o) => o,
             Err(e) => {
-                let status = e.raw_response().map(|r| r.status().as_u16());
-                let code = e.code().unwrap_or("").to_string();
-                let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
-                return Err(match (status, code.as_str()) {
-                    (_, "NoSuchKey") | (Some(404), _) => {
-                        (false, format!("the object is gone: {code}"))
-                    }
-                    (_, "AccessDenied") | (Some(403), _) => (
+                return Err(match classify_get_error(&e) {
+                    GetFailure::Missing(code) => (false, format!("the object is gone: {code}")),
+                    GetFailure::Denied(code) => (
                         false,
                         format!(
                             "access denied (s3:GetObject on the trail prefix is needed): {code}"
                         ),
                     ),
-                    _ => (is_transient(status, &code), text),
+                    GetFailure::Transient(text) => (true, text),
+                    GetFailure::Other(text) => (false, text),
                 });
             }
         };
