@@ -100,24 +100,9 @@ pub fn health(rule: &str, severity: Severity, subject: &str, summary: String) ->
         severity,
         title: "kmsguard could not process an input".into(),
         summary: crate::analyze::rule::clean(&summary, 600).collect(),
-        event_ids: Vec::new(),
-        event_name: String::new(),
-        event_source: String::new(),
         time: iso_now(),
-        principal: None,
-        principal_role: None,
-        account: None,
-        region: None,
-        keys: Vec::new(),
-        source_ip: None,
-        user_agent: None,
-        error_code: None,
         file: subject.to_string(),
-        remediation: None,
-        key_alias: None,
-        key_tags: Default::default(),
-        context: Default::default(),
-        action: None,
+        ..Finding::default()
     }
 }
 

@@ -212,24 +212,8 @@ pub(crate) fn synthetic(
         severity,
         title: title.to_string(),
         summary: summary.to_string(),
-        event_ids: Vec::new(),
-        event_name: String::new(),
-        event_source: String::new(),
         time: time.to_string(),
-        principal: None,
-        principal_role: None,
-        account: None,
-        region: None,
-        keys: Vec::new(),
-        source_ip: None,
-        user_agent: None,
-        error_code: None,
-        file: String::new(),
-        remediation: None,
-        key_alias: None,
-        key_tags: Default::default(),
-        context: Default::default(),
-        action: None,
+        ..Finding::default()
     }
 }
 

@@ -834,18 +834,7 @@ impl Detector {
                         .next()
                         .filter(|r| r.contains(":role/"))
                         .map(str::to_string),
-                    account: None,
-                    region: None,
-                    keys: Vec::new(),
-                    source_ip: None,
-                    user_agent: None,
-                    error_code: None,
-                    file: String::new(),
-                    remediation: None,
-                    key_alias: None,
-                    key_tags: Default::default(),
-                    context: Default::default(),
-                    action: None,
+                    ..Finding::default()
                 });
             }
         }
