@@ -212,10 +212,6 @@ impl Store {
         Ok(self.db.generate_id()?)
     }
 
-    pub fn ledger_len(&self) -> usize {
-        self.ledger.len()
-    }
-
     pub fn baseline_raw(&self, principal: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.baselines.get(principal)?.map(|v| v.to_vec()))
     }
@@ -314,20 +310,6 @@ impl Store {
             let (k, v) = r?;
             Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
         })
-    }
-
-    pub fn outbox_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.outbox.get(key)?.map(|v| v.to_vec()))
-    }
-
-    pub fn outbox_put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.outbox.insert(key, value)?;
-        Ok(())
-    }
-
-    pub fn outbox_remove(&self, key: &str) -> Result<(), StoreError> {
-        self.outbox.remove(key)?;
-        Ok(())
     }
 
     pub fn outbox_len(&self) -> usize {
