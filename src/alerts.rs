@@ -140,6 +140,23 @@ pub fn send(
     rules: Option<&Path>,
     retry_for: &str,
 ) -> Result<ExitCode> {
+    send_from(config, Source::File(findings), rules, retry_for)
+}
+
+/// Where `send_from` reads findings (JSON Lines).
+pub enum Source<'a> {
+    /// A file, or standard input for None or `-`.
+    File(Option<&'a Path>),
+    /// Findings already in memory (`replay --alerts`).
+    Bytes(Vec<u8>),
+}
+
+pub fn send_from(
+    config: &Path,
+    findings: Source<'_>,
+    rules: Option<&Path>,
+    retry_for: &str,
+) -> Result<ExitCode> {
     let policy = policy(retry_for)?;
     let configs = AlertsFile::load(config)?;
     if configs.is_empty() {
@@ -163,12 +180,13 @@ pub fn send(
     let started = std::time::Instant::now();
     let report = rt.block_on(async {
         let input: Box<dyn tokio::io::AsyncBufRead + Unpin + Send> = match findings {
-            Some(p) if p != Path::new("-") => Box::new(tokio::io::BufReader::new(
+            Source::File(Some(p)) if p != Path::new("-") => Box::new(tokio::io::BufReader::new(
                 tokio::fs::File::open(p)
                     .await
                     .with_context(|| format!("cannot open findings file {}", p.display()))?,
             )),
-            _ => Box::new(tokio::io::BufReader::new(tokio::io::stdin())),
+            Source::File(_) => Box::new(tokio::io::BufReader::new(tokio::io::stdin())),
+            Source::Bytes(b) => Box::new(std::io::Cursor::new(b)),
         };
         anyhow::Ok(dispatch::send(channels, input, descriptions, policy, reporter()).await)
     })?;

@@ -148,6 +148,11 @@ pub struct ReplayArgs {
     /// with --remediate its [remediation] and [aws] sections.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Also send the findings as alerts through the channels of FILE (its
+    /// [[sinks.email]] and [[sinks.webhook]] tables, docs/alerts.md). Replay never sends
+    /// alerts without it.
+    #[arg(long, value_name = "FILE")]
+    pub alerts: Option<PathBuf>,
     /// Write findings to FILE instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub output: Option<PathBuf>,

@@ -212,6 +212,20 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         ),
         _ => {}
     }
+    if let Some(channels) = &args.alerts {
+        let mut jsonl = Vec::new();
+        report::write_jsonl(&mut jsonl, &outcome.findings)?;
+        let code = alerts::send_from(
+            channels,
+            alerts::Source::Bytes(jsonl),
+            args.rules.as_deref(),
+            "5m",
+        )?;
+        if code != ExitCode::SUCCESS {
+            eprintln!("error: some alerts were not delivered (see above)");
+            return Ok(code);
+        }
+    }
     if let Some(threshold) = args.fail_on {
         if outcome.findings.iter().any(|f| f.severity >= threshold.0) {
             return Ok(ExitCode::from(1));

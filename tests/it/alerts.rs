@@ -3,7 +3,9 @@
 //! webhooks independently of kmsguard's code.
 
 use crate::servers::{private_ca, Receiver, Smtp};
-use crate::support::{bin, free_port, generate, malformed, replay_jsonl, stderr, stdout};
+use crate::support::{
+    bin, free_port, generate, jsonl, malformed, replay_jsonl, repo, run, stderr, stdout,
+};
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, VecDeque};
 use std::io::Write;
@@ -954,5 +956,50 @@ fn a_dead_relay_fails_a_queue_within_the_retry_budget() {
         stderr(&o).contains("5 alerts: 0 delivered, 5 not delivered"),
         "{}",
         stderr(&o)
+    );
+}
+
+#[test]
+fn replay_sends_alerts_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = Receiver::start(&[]);
+    let secret = write(dir.path(), "hmac", SECRET);
+    let cfg = write(
+        dir.path(),
+        "alerts.toml",
+        &format!(
+            "[[sinks.webhook]]\nname = \"public-keys\"\nurl = \"{}\"\nsecret_file = \"{}\"\ninclude_rules = [\"kms-policy-public\"]\n",
+            hooks.url("/h"),
+            secret.display()
+        ),
+    );
+    let samples = repo().join("samples");
+    let o = run(bin().args(["replay", "--format", "jsonl"]).arg(&samples));
+    assert_eq!(o.status.code(), Some(0));
+    assert!(hooks.requests().is_empty(), "no --alerts, no alert");
+    let public = jsonl(&stdout(&o))
+        .into_iter()
+        .filter(|f| f["rule"] == "kms-policy-public")
+        .count();
+    assert_eq!(public, 1, "the samples hold one public key policy");
+
+    let o = run(bin()
+        .args(["replay", "--format", "jsonl", "--alerts"])
+        .arg(&cfg)
+        .arg(&samples));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let got = hooks.on("/h");
+    assert_eq!(
+        got.len(),
+        1,
+        "one alert for the one public policy: {}",
+        stderr(&o)
+    );
+    assert!(got[0].signature_ok(SECRET));
+    assert_eq!(
+        got[0].json()["alert"]["finding"]["rule"],
+        "kms-policy-public",
+        "{}",
+        got[0].json()
     );
 }
