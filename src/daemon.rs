@@ -640,6 +640,23 @@ async fn extend_visibility(sqs: aws_sdk_sqs::Client, queue: String, receipt: Str
     }
 }
 
+/// What the ledger already knows of an input: None when it was never processed, else
+/// the outcome to report again (a duplicate is done; a failed input fails again).
+fn ledger_says(shared: &Shared, key: &str) -> Option<Result<(), FileError>> {
+    match shared.store.ledger_status(key) {
+        Ok(Some(LedgerStatus::Done)) => {
+            shared
+                .metrics
+                .files_duplicate
+                .fetch_add(1, Ordering::Relaxed);
+            Some(Ok(()))
+        }
+        Ok(Some(LedgerStatus::Failed)) => Some(Err(FileError::Permanent)),
+        Ok(None) => None,
+        Err(e) => Some(Err(FileError::Transient(e.to_string()))),
+    }
+}
+
 /// Downloads, analyzes and commits one object.
 async fn process_object(shared: &Shared, obj: &ObjectRef) -> Result<(), FileError> {
     // Before downloading: by the notification's ETag, or without one by the key alone.
@@ -647,17 +664,8 @@ async fn process_object(shared: &Shared, obj: &ObjectRef) -> Result<(), FileErro
         Some(_) => obj.ledger_key(),
         None => obj.key_entry(),
     };
-    match shared.store.ledger_status(&key) {
-        Ok(Some(LedgerStatus::Done)) => {
-            shared
-                .metrics
-                .files_duplicate
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        Ok(Some(LedgerStatus::Failed)) => return Err(FileError::Permanent),
-        Ok(None) => {}
-        Err(e) => return Err(FileError::Transient(e.to_string())),
+    if let Some(done) = ledger_says(shared, &key) {
+        return done;
     }
     shared
         .metrics
@@ -703,17 +711,8 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
     };
     // The ETag of what was read decides: a notification may carry none or another.
     let key = obj.ledger_key_with(etag.as_deref().or(obj.etag.as_deref()));
-    match shared.store.ledger_status(&key) {
-        Ok(Some(LedgerStatus::Done)) => {
-            shared
-                .metrics
-                .files_duplicate
-                .fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        Ok(Some(LedgerStatus::Failed)) => return Err(FileError::Permanent),
-        Ok(None) => {}
-        Err(e) => return Err(FileError::Transient(e.to_string())),
+    if let Some(done) = ledger_says(shared, &key) {
+        return done;
     }
     let rules = shared
         .rules
