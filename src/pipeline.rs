@@ -360,11 +360,11 @@ pub fn replay(
                 (chunks.get_mut(&needed), detector.as_mut(), failure.as_ref())
             {
                 for obs in std::mem::take(list) {
-                    let key = files[needed].ledger_key();
                     let mut step = || -> Result<(), StoreError> {
+                        // The ledger is asked once per file, at its first chunk.
                         let skip = match learning {
                             Some((f, skip)) if f == needed => skip,
-                            _ => store.ledger_contains(&key)?,
+                            _ => store.ledger_contains(&files[needed].ledger_key())?,
                         };
                         learning = Some((needed, skip));
                         if !skip {
