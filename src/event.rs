@@ -4,17 +4,19 @@
 //! simd-json types directly, and nothing in a record is trusted (every accessor copes
 //! with a missing field or a field of the wrong type).
 
-use simd_json::{BorrowedValue as Value, StaticNode};
+pub use crate::json::{Kind, Value};
 
 /// A parsed CloudTrail record.
 #[derive(Clone, Copy)]
 pub struct Event<'v> {
-    root: &'v Value<'v>,
+    root: Value<'v>,
     /// The top-level fields every accessor needs, found in one pass over the record
-    /// (the parsed object is a small vector map: each lookup is a linear scan).
-    top: [Option<&'v Value<'v>>; TOP.len()],
+    /// (each lookup in the tape is a linear scan).
+    top: [Option<Value<'v>>; TOP.len()],
     /// Bit i set: `TOP[i]` occurs more than once in the record.
     dups: u16,
+    /// Repeated keys resolve to their last value (see `last_wins`).
+    last: bool,
 }
 
 /// Top-level fields cached by `Event::new`.
@@ -41,22 +43,38 @@ pub const KMS_SOURCE: &str = "kms.amazonaws.com";
 pub const CLOUDTRAIL_SOURCE: &str = "cloudtrail.amazonaws.com";
 
 impl<'v> Event<'v> {
-    pub fn new(root: &'v Value<'v>) -> Self {
+    /// The record with the first value of a repeated key winning, as in `Value::get`.
+    pub fn new(root: Value<'v>) -> Self {
+        Self::build(root, false)
+    }
+
+    /// The same record read as other parsers read it when a key repeats: the last value
+    /// wins. Analyzing both readings means the ambiguity cannot hide an event.
+    pub fn last_wins(root: Value<'v>) -> Self {
+        Self::build(root, true)
+    }
+
+    fn build(root: Value<'v>, last: bool) -> Self {
         let mut top = [None; TOP.len()];
         let mut dups = 0u16;
-        if let Value::Object(o) = root {
-            for (k, v) in o.iter() {
-                if let Some(i) = TOP.iter().position(|t| *t == k.as_ref()) {
-                    // With duplicate keys the first wins, as in `object_get`.
-                    if top[i].is_none() {
+        for (k, v) in root.fields() {
+            if let Some(i) = TOP.iter().position(|t| *t == k) {
+                if top[i].is_none() {
+                    top[i] = Some(v);
+                } else {
+                    dups |= 1 << i;
+                    if last {
                         top[i] = Some(v);
-                    } else {
-                        dups |= 1 << i;
                     }
                 }
             }
         }
-        Event { root, top, dups }
+        Event {
+            root,
+            top,
+            dups,
+            last,
+        }
     }
 
     /// Top-level fields kmsguard reads that occur more than once in the record (an
@@ -69,35 +87,36 @@ impl<'v> Event<'v> {
     }
 
     /// A top-level field, from the cache when it is one of `TOP`.
-    fn top_get(&self, key: &str) -> Option<&'v Value<'v>> {
+    fn top_get(&self, key: &str) -> Option<Value<'v>> {
         match TOP.iter().position(|t| *t == key) {
             Some(i) => self.top[i],
-            None => object_get(self.root, key),
+            None if self.last => self.root.get_last(key),
+            None => self.root.get(key),
         }
     }
 
-    pub fn root(&self) -> &'v Value<'v> {
+    pub fn root(&self) -> Value<'v> {
         self.root
     }
 
     /// A top-level field or a nested one by its path segments (no array traversal).
-    pub fn get(&self, path: &[&str]) -> Option<&'v Value<'v>> {
+    pub fn get(&self, path: &[&str]) -> Option<Value<'v>> {
         let (first, rest) = path.split_first()?;
         let mut v = self.top_get(first)?;
         for seg in rest {
-            v = object_get(v, seg)?;
+            v = v.get(seg)?;
         }
         Some(v)
     }
 
     /// A string field; None when missing or not a string.
     pub fn str(&self, path: &[&str]) -> Option<&'v str> {
-        self.get(path).and_then(as_str)
+        self.get(path).and_then(Value::as_str)
     }
 
     /// Calls `f` on every value at `path`, descending into arrays at any step (so
     /// `resources.ARN` visits the ARN of every resource); stops early when `f` is true.
-    pub fn any_at(&self, path: &[String], f: &mut dyn FnMut(&Value<'v>) -> bool) -> bool {
+    pub fn any_at(&self, path: &[String], f: &mut dyn FnMut(Value<'v>) -> bool) -> bool {
         match path.split_first() {
             None => any_at(self.root, path, f),
             Some((first, rest)) => self.top_get(first).is_some_and(|v| any_at(v, rest, f)),
@@ -166,10 +185,10 @@ impl<'v> Event<'v> {
     /// request, made into ARNs with the event's region and account when they are bare.
     pub fn key_arns(&self) -> Vec<String> {
         let mut keys: Vec<String> = Vec::new();
-        if let Some(Value::Array(res)) = self.get(&["resources"]) {
-            for r in res.iter() {
-                let arn = object_get(r, "ARN").and_then(as_str);
-                let ty = object_get(r, "type").and_then(as_str);
+        if let Some(Kind::Array(res)) = self.get(&["resources"]).map(Value::kind) {
+            for r in res {
+                let arn = r.get("ARN").and_then(Value::as_str);
+                let ty = r.get("type").and_then(Value::as_str);
                 if let Some(arn) = arn {
                     let is_key = match ty {
                         Some(t) => t == "AWS::KMS::Key",
@@ -213,38 +232,21 @@ impl<'v> Event<'v> {
     }
 }
 
-/// A field of an object; None for non-objects. With duplicate keys the first wins
-/// (the decoder reports duplicates as a problem).
-pub fn object_get<'v>(v: &'v Value<'v>, key: &str) -> Option<&'v Value<'v>> {
-    match v {
-        Value::Object(o) => o.get(key),
+/// A number, or a string holding one (CloudTrail writes some numbers as text).
+pub fn as_f64(v: Value<'_>) -> Option<f64> {
+    match v.kind() {
+        Kind::Num(n) => Some(n),
+        Kind::Str(s) => s.trim().parse().ok(),
         _ => None,
     }
 }
 
-pub fn as_str<'v>(v: &'v Value<'v>) -> Option<&'v str> {
-    match v {
-        Value::String(s) => Some(s.as_ref()),
-        _ => None,
-    }
-}
-
-pub fn as_f64(v: &Value<'_>) -> Option<f64> {
-    match v {
-        Value::Static(StaticNode::I64(i)) => Some(*i as f64),
-        Value::Static(StaticNode::U64(u)) => Some(*u as f64),
-        Value::Static(StaticNode::F64(f)) => Some(*f),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-fn any_at<'v>(v: &'v Value<'v>, path: &[String], f: &mut dyn FnMut(&Value<'v>) -> bool) -> bool {
-    match v {
-        Value::Array(items) => items.iter().any(|item| any_at(item, path, f)),
+fn any_at<'v>(v: Value<'v>, path: &[String], f: &mut dyn FnMut(Value<'v>) -> bool) -> bool {
+    match v.kind() {
+        Kind::Array(items) => items.into_iter().any(|item| any_at(item, path, f)),
         _ => match path.split_first() {
             None => f(v),
-            Some((seg, rest)) => match object_get(v, seg) {
+            Some((seg, rest)) => match v.get(seg) {
                 Some(child) => any_at(child, rest, f),
                 None => false,
             },

@@ -19,6 +19,7 @@ pub mod decode;
 pub mod event;
 pub mod html_report;
 pub mod inventory;
+pub mod json;
 pub mod outbox;
 pub mod pipeline;
 pub mod posture;

@@ -241,8 +241,9 @@ mod tests {
 
     fn ev(json: &str, t: &mut Timeline) {
         let mut bytes = json.as_bytes().to_vec();
-        let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
-        t.observe(&Event::new(&v));
+        let tape = simd_json::to_tape(&mut bytes).unwrap();
+        let v = crate::json::Value::root(&tape.0).unwrap();
+        t.observe(&Event::new(v));
     }
 
     #[test]

@@ -332,12 +332,8 @@ pub fn observe(ev: &Event<'_>, file: &Arc<str>) -> Option<Observation> {
     let time_str = ev.event_time()?;
     let time = parse_time(time_str)?;
     let name = ev.event_name()?;
-    let read_only = matches!(
-        ev.get(&["readOnly"]),
-        Some(simd_json::BorrowedValue::Static(
-            simd_json::StaticNode::Bool(true)
-        ))
-    ) || name.starts_with("Describe")
+    let read_only = ev.get(&["readOnly"]).and_then(crate::event::Value::as_bool) == Some(true)
+        || name.starts_with("Describe")
         || name.starts_with("List")
         || name.starts_with("Get");
     let crypto = CRYPTO.contains(&name);

@@ -4,10 +4,9 @@
 //! condition) so evaluation cannot fail.
 
 use crate::analyze::predicates::Predicate;
-use crate::event::{as_f64, Event};
+use crate::event::{as_f64, Event, Kind, Value};
 use regex::Regex;
 use serde::Deserialize;
-use simd_json::{BorrowedValue as Value, StaticNode};
 
 /// A condition as written in rules.toml, before validation.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -165,9 +164,7 @@ impl Matcher {
             Matcher::Not(m) => !m.matches(ev),
             Matcher::Predicate(p) => p.eval(ev),
             Matcher::Field { path, op } => match op {
-                FieldOp::Exists(want) => {
-                    ev.any_at(path, &mut |v| !matches!(v, Value::Static(StaticNode::Null))) == *want
-                }
+                FieldOp::Exists(want) => ev.any_at(path, &mut |v| !v.is_null()) == *want,
                 _ => ev.any_at(path, &mut |v| op_matches(op, v)),
             },
         }
@@ -181,21 +178,18 @@ fn compile_list(list: &[RawCond], what: &str) -> Result<Vec<Matcher>, String> {
     list.iter().map(Matcher::compile).collect()
 }
 
-fn eq(s: &Scalar, v: &Value<'_>) -> bool {
-    match (s, v) {
-        (Scalar::Str(a), Value::String(b)) => a == b.as_ref(),
-        (Scalar::Num(a), v) => as_f64(v).is_some_and(|b| b == *a),
-        (Scalar::Bool(a), Value::Static(StaticNode::Bool(b))) => a == b,
-        (Scalar::Bool(a), Value::String(b)) => b.as_ref() == if *a { "true" } else { "false" },
+fn eq(s: &Scalar, v: Value<'_>) -> bool {
+    match (s, v.kind()) {
+        (Scalar::Str(a), Kind::Str(b)) => a == b,
+        (Scalar::Num(a), _) => as_f64(v).is_some_and(|b| b == *a),
+        (Scalar::Bool(a), Kind::Bool(b)) => *a == b,
+        (Scalar::Bool(a), Kind::Str(b)) => b == if *a { "true" } else { "false" },
         _ => false,
     }
 }
 
-fn op_matches(op: &FieldOp, v: &Value<'_>) -> bool {
-    let text = match v {
-        Value::String(s) => Some(s.as_ref()),
-        _ => None,
-    };
+fn op_matches(op: &FieldOp, v: Value<'_>) -> bool {
+    let text = v.as_str();
     match op {
         FieldOp::Exists(_) => true,
         FieldOp::Equals(s) => eq(s, v),

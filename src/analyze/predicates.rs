@@ -3,7 +3,7 @@
 //! never panics on odd input (policies arrive as JSON strings that may be truncated or
 //! invalid; then the predicate is false and the rule's other conditions decide).
 
-use crate::event::{as_str, Event, KMS_SOURCE};
+use crate::event::{Event, Kind, Value, KMS_SOURCE};
 use serde_json::Value as Json;
 
 /// The closed set of predicates. Adding one means adding a variant, its name, and a test.
@@ -202,29 +202,29 @@ fn trail_excludes_kms(ev: &Event<'_>) -> bool {
             let mut management_kept = false;
             let mut kms_excluded = false;
             let mut saw_selectors = false;
-            if let Some(simd_json::BorrowedValue::Array(sels)) =
-                ev.get(&["requestParameters", "eventSelectors"])
+            if let Some(Kind::Array(sels)) = ev
+                .get(&["requestParameters", "eventSelectors"])
+                .map(Value::kind)
             {
-                for s in sels.iter() {
+                for s in sels {
                     saw_selectors = true;
                     let ev = Event::new(s);
-                    let include = !matches!(
-                        ev.get(&["includeManagementEvents"]),
-                        Some(simd_json::BorrowedValue::Static(
-                            simd_json::StaticNode::Bool(false)
-                        ))
-                    );
+                    let include = ev
+                        .get(&["includeManagementEvents"])
+                        .and_then(Value::as_bool)
+                        != Some(false);
                     let excluded = ev.any_at(&["excludeManagementEventSources".into()], &mut |x| {
-                        as_str(x) == Some(KMS_SOURCE)
+                        x.as_str() == Some(KMS_SOURCE)
                     });
                     kms_excluded |= include && excluded;
                     management_kept |= include && !excluded;
                 }
             }
-            if let Some(simd_json::BorrowedValue::Array(sels)) =
-                ev.get(&["requestParameters", "advancedEventSelectors"])
+            if let Some(Kind::Array(sels)) = ev
+                .get(&["requestParameters", "advancedEventSelectors"])
+                .map(Value::kind)
             {
-                for s in sels.iter() {
+                for s in sels {
                     saw_selectors = true;
                     let sel = Event::new(s);
                     let mut management = false;
@@ -233,7 +233,7 @@ fn trail_excludes_kms(ev: &Event<'_>) -> bool {
                         let fs = Event::new(fs);
                         let field = fs.str(&["field"]).unwrap_or("");
                         let has = |op: &str, want: &str| {
-                            fs.any_at(&[op.into()], &mut |x| as_str(x) == Some(want))
+                            fs.any_at(&[op.into()], &mut |x| x.as_str() == Some(want))
                         };
                         if field == "eventCategory" && has("equals", "Management") {
                             management = true;
@@ -250,8 +250,8 @@ fn trail_excludes_kms(ev: &Event<'_>) -> bool {
             saw_selectors && (kms_excluded || !management_kept)
         }
         Some("PutInsightSelectors") => matches!(
-            ev.get(&["requestParameters", "insightSelectors"]),
-            Some(simd_json::BorrowedValue::Array(a)) if a.is_empty()
+            ev.get(&["requestParameters", "insightSelectors"]).map(Value::kind),
+            Some(Kind::Array(a)) if a.is_empty()
         ),
         _ => false,
     }
@@ -263,8 +263,9 @@ mod tests {
 
     fn check(p: Predicate, json: &str) -> bool {
         let mut bytes = json.as_bytes().to_vec();
-        let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
-        p.eval(&Event::new(&v))
+        let tape = simd_json::to_tape(&mut bytes).unwrap();
+        let v = crate::json::Value::root(&tape.0).unwrap();
+        p.eval(&Event::new(v))
     }
 
     fn put_policy(policy: serde_json::Value) -> String {

@@ -184,13 +184,8 @@ impl Rule {
         let mut out = std::collections::BTreeMap::new();
         for path in &self.capture {
             let segs: Vec<&str> = path.split('.').collect();
-            let value = match ev.get(&segs) {
-                Some(simd_json::BorrowedValue::String(s)) => s.to_string(),
-                Some(simd_json::BorrowedValue::Static(simd_json::StaticNode::Null)) | None => {
-                    continue
-                }
-                Some(simd_json::BorrowedValue::Static(n)) => n.to_string(),
-                Some(_) => continue,
+            let Some(value) = ev.get(&segs).and_then(|v| v.scalar_text()) else {
+                continue;
             };
             out.insert(path.clone(), clean(&value, 256).collect());
         }
@@ -256,9 +251,8 @@ fn render_summary(template: Option<&str>, title: &str, ev: &Event<'_>, keys: &[S
             path => {
                 let segs: Vec<&str> = path.split('.').collect();
                 match ev.get(&segs) {
-                    Some(simd_json::BorrowedValue::String(s)) => s.to_string(),
-                    Some(simd_json::BorrowedValue::Static(n)) => n.to_string(),
-                    Some(_) => "(complex value)".into(),
+                    Some(v) if v.is_null() => "null".into(),
+                    Some(v) => v.scalar_text().unwrap_or_else(|| "(complex value)".into()),
                     None => "?".into(),
                 }
             }
@@ -503,19 +497,19 @@ impl RuleSet {
                 let mut event = base_event(rule);
                 merge(&mut event, &t.event);
                 let mut bytes = event.to_string().into_bytes();
-                let result = match simd_json::to_borrowed_value(&mut bytes) {
-                    Ok(v) => {
-                        let fired = rule.fires(&Event::new(&v));
-                        if fired == t.expect_match {
-                            Ok(())
-                        } else if t.expect_match {
-                            Err("expected the rule to fire, it did not".to_string())
-                        } else {
-                            Err("expected no match, but the rule fired".to_string())
+                let result =
+                    match crate::json::with_parsed(&mut bytes, |v| rule.fires(&Event::new(v))) {
+                        Ok(fired) => {
+                            if fired == t.expect_match {
+                                Ok(())
+                            } else if t.expect_match {
+                                Err("expected the rule to fire, it did not".to_string())
+                            } else {
+                                Err("expected no match, but the rule fired".to_string())
+                            }
                         }
-                    }
-                    Err(e) => Err(format!("test event is not valid JSON: {e}")),
-                };
+                        Err(e) => Err(format!("test event is not valid JSON: {e}")),
+                    };
                 out.push(TestOutcome {
                     rule: rule.id.clone(),
                     test: t.name.clone(),
@@ -794,9 +788,10 @@ capture = ["responseElements.grantId", "requestParameters.limit", "requestParame
 "#;
         let rules = RuleSet::parse(text, "t.toml").unwrap();
         let mut bytes = br#"{"eventSource":"kms.amazonaws.com","eventName":"CreateGrant","eventID":"e1","responseElements":{"grantId":"g\u0007-1"},"requestParameters":{"limit":5,"constraints":{"a":1}}}"#.to_vec();
-        let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
+        let tape = simd_json::to_tape(&mut bytes).unwrap();
+        let v = crate::json::Value::root(&tape.0).unwrap();
         let mut out = Vec::new();
-        rules.evaluate(&Event::new(&v), "f", &mut out);
+        rules.evaluate(&Event::new(v), "f", &mut out);
         let ctx = &out[0].context;
         assert_eq!(
             ctx.get("responseElements.grantId").map(String::as_str),
@@ -815,11 +810,12 @@ capture = ["responseElements.grantId", "requestParameters.limit", "requestParame
     #[test]
     fn summary_template_cleans_values() {
         let mut bytes = br#"{"userAgent":"evil\r\nBcc: x","eventName":"Decrypt"}"#.to_vec();
-        let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
+        let tape = simd_json::to_tape(&mut bytes).unwrap();
+        let v = crate::json::Value::root(&tape.0).unwrap();
         let s = render_summary(
             Some("{event_name} via {user_agent} {missing.path}"),
             "t",
-            &Event::new(&v),
+            &Event::new(v),
             &[],
         );
         assert_eq!(s, "Decrypt via evilBcc: x ?");

@@ -7,11 +7,11 @@
 //! counted and skipped.
 
 pub mod records;
+mod structural;
 
-use crate::event::{Event, CLOUDTRAIL_SOURCE, KMS_SOURCE};
+use crate::event::{Event, Kind, Value, CLOUDTRAIL_SOURCE, KMS_SOURCE};
 use memchr::memmem::Finder;
 use records::{RecordScanner, ScanLimits, ScanProblem};
-use simd_json::BorrowedValue as Value;
 use std::cell::Cell;
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
@@ -160,6 +160,8 @@ struct RecordSink<'f> {
     event_source_key: Finder<'static>,
     buf: Vec<u8>,
     buffers: simd_json::Buffers,
+    /// The tape of the last record, kept between records for its allocation.
+    tape: Option<simd_json::Tape<'static>>,
     stats: FileStats,
     invalid_json: u64,
     first_json_error: String,
@@ -178,6 +180,7 @@ impl<'f> RecordSink<'f> {
             event_source_key: Finder::new(b"\"eventSource\""),
             buf: Vec::with_capacity(8 << 10),
             buffers: simd_json::Buffers::new(8 << 10),
+            tape: None,
             stats: FileStats::default(),
             invalid_json: 0,
             first_json_error: String::new(),
@@ -202,27 +205,46 @@ impl<'f> RecordSink<'f> {
             }
         }
         self.stats.parsed += 1;
-        self.buf.clear();
-        match std::str::from_utf8(rec) {
-            Ok(_) => self.buf.extend_from_slice(rec),
-            Err(_) => {
-                self.invalid_utf8 += 1;
-                self.buf
-                    .extend_from_slice(String::from_utf8_lossy(rec).as_bytes());
+        // The buffer is moved out while the tape borrows it, so that `analyze` can
+        // borrow the sink; both go back for the next record.
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.extend_from_slice(rec);
+        let mut tape = self
+            .tape
+            .take()
+            .unwrap_or_else(simd_json::Tape::null)
+            .reset();
+        // simd-json validates UTF-8 as it parses; only a record it rejects is checked
+        // again, and one with invalid UTF-8 is parsed once more with the bad bytes
+        // replaced, so a stray byte in one string cannot hide the event.
+        let mut parsed = simd_json::fill_tape(&mut buf, &mut self.buffers, &mut tape);
+        let mut lossy = Vec::new();
+        if parsed.is_err() && std::str::from_utf8(rec).is_err() {
+            self.invalid_utf8 += 1;
+            lossy.extend_from_slice(String::from_utf8_lossy(rec).as_bytes());
+            tape = tape.reset();
+            parsed = simd_json::fill_tape(&mut lossy, &mut self.buffers, &mut tape);
+        }
+        match parsed {
+            Err(e) => {
+                self.invalid_json += 1;
+                if self.first_json_error.is_empty() {
+                    self.first_json_error = format!("record {}: {e}", self.stats.records - 1);
+                }
+            }
+            Ok(()) => {
+                if let Some(value) = Value::root(&tape.0) {
+                    self.analyze(value);
+                }
             }
         }
-        let value =
-            match simd_json::to_borrowed_value_with_buffers(&mut self.buf, &mut self.buffers) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.invalid_json += 1;
-                    if self.first_json_error.is_empty() {
-                        self.first_json_error = format!("record {}: {e}", self.stats.records - 1);
-                    }
-                    return;
-                }
-            };
-        let ev = Event::new(&value);
+        self.tape = Some(tape.reset());
+        self.buf = buf;
+    }
+
+    fn analyze(&mut self, value: Value<'_>) {
+        let ev = Event::new(value);
         check_record(
             &ev,
             &mut self.dup_records,
@@ -239,13 +261,8 @@ impl<'f> RecordSink<'f> {
         (self.on_event)(&ev);
         // A record that repeats a key is ambiguous: other parsers keep the last value.
         // Analyze it under that reading too, so the ambiguity cannot hide an event.
-        let last_wins = if ev.duplicate_fields().is_empty() {
-            None
-        } else {
-            last_value_wins(&value)
-        };
-        if let Some(last_wins) = last_wins {
-            let alt = Event::new(&last_wins);
+        if !ev.duplicate_fields().is_empty() {
+            let alt = Event::last_wins(value);
             if matches!(alt.event_source(), Some(KMS_SOURCE | CLOUDTRAIL_SOURCE)) {
                 (self.on_event)(&alt);
             }
@@ -332,13 +349,13 @@ fn check_record(
     if ev.get(&["eventSource"]).is_none() {
         *missing_source += 1;
     }
-    type Check = (&'static str, fn(&Value<'_>) -> bool);
+    type Check = (&'static str, fn(Value<'_>) -> bool);
     let checks: [Check; 5] = [
-        ("eventSource", |v| matches!(v, Value::String(_))),
-        ("eventName", |v| matches!(v, Value::String(_))),
-        ("eventTime", |v| matches!(v, Value::String(_))),
-        ("eventID", |v| matches!(v, Value::String(_))),
-        ("userIdentity", |v| matches!(v, Value::Object(_))),
+        ("eventSource", |v| matches!(v.kind(), Kind::Str(_))),
+        ("eventName", |v| matches!(v.kind(), Kind::Str(_))),
+        ("eventTime", |v| matches!(v.kind(), Kind::Str(_))),
+        ("eventID", |v| matches!(v.kind(), Kind::Str(_))),
+        ("userIdentity", |v| matches!(v.kind(), Kind::Object(_))),
     ];
     for (field, ok) in checks {
         if let Some(x) = ev.get(&[field]) {
@@ -351,17 +368,6 @@ fn check_record(
             }
         }
     }
-}
-
-/// The record with duplicate top-level keys resolved to their last value.
-fn last_value_wins<'v>(v: &Value<'v>) -> Option<Value<'v>> {
-    let Value::Object(o) = v else { return None };
-    let mut out =
-        simd_json::value::borrowed::Object::with_capacity_and_hasher(o.len(), Default::default());
-    for (k, x) in o.iter() {
-        out.insert(k.clone(), x.clone());
-    }
-    Some(Value::from(out))
 }
 
 /// Counts bytes read through it (compressed bytes consumed by the inflater).

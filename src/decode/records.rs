@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use super::structural::{self, ScanState};
+
 /// Bounds on what one record may cost.
 #[derive(Debug, Clone, Copy)]
 pub struct ScanLimits {
@@ -112,23 +114,6 @@ enum Phase {
     /// Unrecoverable structure error: ignore the rest of the input.
     Dead,
 }
-
-const C_OTHER: u8 = 0;
-const C_QUOTE: u8 = 1;
-const C_OPEN: u8 = 2;
-const C_CLOSE: u8 = 3;
-const C_BACKSLASH: u8 = 4;
-
-static CLASS: [u8; 256] = {
-    let mut t = [C_OTHER; 256];
-    t[b'"' as usize] = C_QUOTE;
-    t[b'{' as usize] = C_OPEN;
-    t[b'[' as usize] = C_OPEN;
-    t[b'}' as usize] = C_CLOSE;
-    t[b']' as usize] = C_CLOSE;
-    t[b'\\' as usize] = C_BACKSLASH;
-    t
-};
 
 /// The streaming splitter. See the module docs.
 pub struct RecordScanner {
@@ -302,61 +287,21 @@ impl RecordScanner {
     /// Scans record bytes from `i`; returns the index just past the record's closing
     /// brace, or None when the chunk ends first.
     #[inline]
-    fn scan_record(&mut self, chunk: &[u8], mut i: usize) -> Option<usize> {
-        let n = chunk.len();
-        let max_depth = self.limits.max_depth;
-        while i < n {
-            if self.escaped {
-                // A backslash ended the previous chunk: this byte is escaped.
-                self.escaped = false;
-                i += 1;
-                continue;
-            }
-            if self.in_string {
-                // Jump to the next quote or backslash.
-                match memchr::memchr2(b'"', b'\\', &chunk[i..]) {
-                    None => return None,
-                    Some(k) => {
-                        let j = i + k;
-                        if chunk[j] == b'\\' {
-                            // Skip the escaped byte (which may be in the next chunk).
-                            if j + 1 < n {
-                                i = j + 2;
-                            } else {
-                                self.escaped = true;
-                                return None;
-                            }
-                        } else {
-                            self.in_string = false;
-                            i = j + 1;
-                        }
-                    }
-                }
-                continue;
-            }
-            let b = chunk[i];
-            i += 1;
-            match CLASS[b as usize] {
-                C_QUOTE => self.in_string = true,
-                C_OPEN => {
-                    self.depth += 1;
-                    if self.depth > max_depth {
-                        self.rec_too_deep = true;
-                    }
-                }
-                C_CLOSE => {
-                    self.depth -= 1;
-                    if self.depth == 0 {
-                        return Some(i);
-                    }
-                }
-                _ => {}
-            }
-        }
-        None
+    fn scan_record(&mut self, chunk: &[u8], i: usize) -> Option<usize> {
+        let mut st = ScanState {
+            in_string: self.in_string,
+            escaped: self.escaped,
+            depth: self.depth,
+            too_deep: self.rec_too_deep,
+        };
+        let end = structural::find_end(&chunk[i..], &mut st, self.limits.max_depth);
+        self.in_string = st.in_string;
+        self.escaped = st.escaped;
+        self.depth = st.depth;
+        self.rec_too_deep = st.too_deep;
+        end.map(|e| i + e)
     }
 
-    /// One byte outside a record. Returns Some(start index) when a record begins.
     fn step_outside(&mut self, b: u8, at: usize) -> Option<usize> {
         // Strings outside records: top-level keys and skipped values.
         if self.in_string {

@@ -177,8 +177,9 @@ mod tests {
             ),
         ] {
             let mut bytes = json.into_bytes();
-            let v = simd_json::to_borrowed_value(&mut bytes).unwrap();
-            act.observe(&Event::new(&v));
+            let tape = simd_json::to_tape(&mut bytes).unwrap();
+            let v = crate::json::Value::root(&tape.0).unwrap();
+            act.observe(&Event::new(v));
         }
         let k1 = &act.keys["arn:aws:kms:us-east-1:111122223333:key/k1"];
         assert_eq!(k1.last_seen.as_deref(), Some("2026-01-03T00:00:00Z"));
