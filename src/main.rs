@@ -351,7 +351,7 @@ fn gather_inputs(args: &ReplayArgs) -> Result<Inputs> {
             let (bucket, prefix) = s3::parse_url(url)?;
             let listing = rt
                 .block_on(s3::list_window(&client, &bucket, &prefix, window, &scope))
-                .with_context(|| format!("cannot list {url}"))?;
+                .with_context(|| format!("cannot read the trail bucket {url}"))?;
             out.list_requests += listing.requests;
             out.digests += listing.digests;
             out.inputs

@@ -19,6 +19,8 @@ pub const MAX_SOURCES: usize = 8;
 /// (hour, operation, principal, key set) cells kept for the report's filtered chart:
 /// about 20 bytes each in the page, so at most a few MB whatever the window.
 pub const MAX_CELLS: usize = 250_000;
+/// Distinct strings (operations, principals, key sets) the cells may name.
+pub const MAX_CELL_NAMES: usize = 20_000;
 const MAX_TEXT: usize = 300;
 
 /// One principal's use of one key (`-` for operations on no key).
@@ -222,7 +224,7 @@ impl Timeline {
 
     /// Adds `n` events to a cell, or counts them as dropped when the cells are full.
     fn add_cell(&mut self, hour: i64, op: &str, principal: &str, keys: &str, n: u64) {
-        let add = self.cells.len() < MAX_CELLS;
+        let add = self.cells.len() < MAX_CELLS && self.names.list.len() + 3 <= MAX_CELL_NAMES;
         let ids = (
             self.names.id(op, add),
             self.names.id(principal, add),
@@ -364,7 +366,10 @@ mod tests {
         other.merge(t.clone());
         assert_eq!(other.cells.values().sum::<u64>(), 8);
         assert_eq!(other.cells.len(), t.cells.len());
-        let pair = t.pairs.values().next().unwrap();
+        let pair = &t.pairs[&(
+            "arn:aws:iam::111122223333:user/u1".to_string(),
+            "arn:aws:kms:us-east-1:111122223333:key/k".to_string(),
+        )];
         assert_eq!(pair.count, 3);
         assert_eq!(pair.first, "2026-10-01T01:10:00Z");
         assert_eq!(pair.last, "2026-10-01T02:10:00Z");
@@ -379,22 +384,44 @@ mod tests {
         // Every event with an hour is in a cell (none dropped at this size).
         let in_hours: u64 = t.hours.values().flat_map(|m| m.values()).sum();
         assert_eq!(t.cells.values().sum::<u64>() + t.dropped_cells, in_hours);
-        assert_eq!(t.dropped_cells, 0);
     }
 
     #[test]
     fn cells_are_capped() {
+        let rec = |secs: i64, who: usize| {
+            format!(
+                r#"{{"eventSource":"kms.amazonaws.com","eventName":"Decrypt","eventTime":"{}","userIdentity":{{"type":"IAMUser","arn":"arn:aws:iam::111122223333:user/u{who}"}}}}"#,
+                crate::inventory::format_time(secs)
+            )
+        };
+        // Many distinct principals: the names run out before the cells.
         let mut t = Timeline::default();
-        for i in 0..MAX_CELLS + 5 {
-            ev(
-                &format!(
-                    r#"{{"eventSource":"kms.amazonaws.com","eventName":"Decrypt","eventTime":"2026-10-01T01:10:00Z","userIdentity":{{"type":"IAMUser","arn":"arn:aws:iam::111122223333:user/u{i}"}}}}"#
-                ),
-                &mut t,
-            );
+        let n = MAX_CELL_NAMES + 5;
+        for i in 0..n {
+            ev(&rec(1_790_816_400, i), &mut t);
+        }
+        assert!(t.names.list.len() <= MAX_CELL_NAMES);
+        assert!(t.cells.len() > MAX_CELL_NAMES - 10);
+        assert_eq!(t.cells.len() as u64 + t.dropped_cells, n as u64);
+        // A cell of known names is still counted.
+        ev(&rec(1_790_816_400 + 60, 0), &mut t);
+        assert_eq!(t.cells.values().max(), Some(&2));
+        // Few principals over many hours: the cells run out.
+        let mut t = Timeline::default();
+        let mut events = 0u64;
+        const { assert!(MAX_HOURS * 27 > MAX_CELLS) };
+        for h in 0..MAX_HOURS as i64 {
+            for who in 0..27 {
+                ev(&rec(1_790_816_400 + h * 3600, who), &mut t);
+                events += 1;
+            }
         }
         assert_eq!(t.cells.len(), MAX_CELLS);
-        assert_eq!(t.dropped_cells, 5);
-        assert_eq!(t.hours[&1_790_816_400]["Decrypt"], MAX_CELLS as u64 + 5);
+        assert_eq!(t.dropped_cells, events - MAX_CELLS as u64);
+        let in_hours: u64 = t.hours.values().flat_map(|m| m.values()).sum();
+        assert_eq!(
+            in_hours, events,
+            "the unfiltered chart still has every event"
+        );
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub enum S3Error {
     #[error("{url}: not an S3 URL (write s3://BUCKET/PREFIX)")]
     BadUrl { url: String },
-    #[error("cannot list s3://{bucket}/{prefix}: {message}")]
+    #[error("cannot list s3://{bucket}/{prefix}: {message} (the role needs s3:ListBucket on the bucket; if S3 is failing, run the replay again later)")]
     List {
         bucket: String,
         prefix: String,

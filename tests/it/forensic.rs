@@ -975,6 +975,20 @@ async fn s3_transient_errors_are_retried_and_persistent_ones_name_the_file() {
     {
         assert!(partial.contains(f), "{} still found", f["rule"]);
     }
+    drop(proxy);
+
+    // A listing that fails past its 8 attempts stops the replay (the inputs would be
+    // incomplete): exit 2, naming the prefix and S3's answer.
+    let proxy = FaultProxy::start(&moto.endpoint(), &serde_json::json!({"list_errors": 100}));
+    let o = run(bin().arg("replay").args(args).envs(proxy.env()));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("cannot read the trail bucket s3://org-cloudtrail-logs/trail: cannot list s3://org-cloudtrail-logs/trail/AWSLogs/: S3 answered 500 InternalError")
+            && err.contains("run the replay again later"),
+        "{err}"
+    );
+    assert_eq!(proxy.stats()["list"], 8, "8 attempts");
     eprintln!(
         "FIGURES: {files} S3 objects; with 6 GetObject 5xx, 3 reset bodies and 2 ListObjectsV2 5xx: {wall:.1} s, {} GetObject requests, findings identical ({}); one poisoned object: {poisoned_wall:.1} s, 5 attempts, reported as {}",
         files + 9,
