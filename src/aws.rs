@@ -49,6 +49,18 @@ pub fn s3_client(config: &SdkConfig, settings: &AwsSettings) -> aws_sdk_s3::Clie
     aws_sdk_s3::Client::from_conf(conf)
 }
 
+/// An S3 client without the SDK's own retries, for callers that retry themselves (the
+/// replay's listing and downloads, the daemon's downloads): with both, every failure would
+/// be retried up to 3 times inside each of the caller's attempts, unseen by its counters
+/// and its budget.
+pub fn s3_client_own_retries(config: &SdkConfig, settings: &AwsSettings) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::from(config)
+        .force_path_style(settings.s3_force_path_style)
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
 pub fn sqs_client(config: &SdkConfig, region: Option<&str>) -> aws_sdk_sqs::Client {
     let mut b = aws_sdk_sqs::config::Builder::from(config);
     if let Some(r) = region {

@@ -124,7 +124,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let rules = load_rules(&cfg)?;
     let store = Store::open(&cfg.state_dir)?;
     let sdk = crate::aws::sdk_config(&cfg.aws).await;
-    let s3 = crate::aws::s3_client(&sdk, &cfg.aws);
+    let s3 = crate::aws::s3_client_own_retries(&sdk, &cfg.aws);
     let metrics = Arc::new(Metrics::default());
     metrics.beat();
     metrics

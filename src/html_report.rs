@@ -98,13 +98,19 @@ pub fn data(title: &str, timeline: &Timeline, findings: &[Finding], stats: &Repl
     }
     let mut keys: Vec<_> = keys.into_iter().collect();
     keys.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(b.0)));
+    let cells = cells(timeline, &hours);
     json!({
         "title": title,
         "stats": stats,
         "events": timeline.events,
-        "dropped": { "hours": timeline.dropped_hours, "pairs": timeline.dropped_pairs },
+        "dropped": {
+            "hours": timeline.dropped_hours,
+            "pairs": timeline.dropped_pairs,
+            "cells": timeline.dropped_cells,
+        },
         "hours": hours,
         "series": series,
+        "cells": cells,
         "principals": {
             "total": principals.len(),
             "rows": principals.iter().take(MAX_ROWS).map(|(p, u)| json!({
@@ -133,6 +139,54 @@ pub fn data(title: &str, timeline: &Timeline, findings: &[Finding], stats: &Repl
             "principal": f.principal_role.as_ref().or(f.principal.as_ref()),
             "keys": f.keys,
         })).collect::<Vec<_>>(),
+    })
+}
+
+/// The timeline's cells for the page's filter: events per (hour, operation, principal,
+/// key set) as a flat array of integer quintuples `[hour index, op, principal, key set,
+/// events, ...]` over dictionaries of operations, principals, keys and key sets (arrays
+/// of key indexes), so the page stays a few MB for a 90-day window.
+fn cells(timeline: &Timeline, hours: &[i64]) -> Value {
+    use std::collections::HashMap;
+    fn intern<'a>(map: &mut HashMap<&'a str, usize>, list: &mut Vec<&'a str>, s: &'a str) -> usize {
+        *map.entry(s).or_insert_with(|| {
+            list.push(s);
+            list.len() - 1
+        })
+    }
+    let hour_index: HashMap<i64, usize> = hours.iter().enumerate().map(|(i, h)| (*h, i)).collect();
+    let mut sorted: Vec<_> = timeline.cells.iter().collect();
+    sorted.sort_unstable();
+    let (mut ops, mut principals, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut op_ids, mut principal_ids, mut key_ids) =
+        (HashMap::new(), HashMap::new(), HashMap::new());
+    let mut keysets: Vec<Vec<usize>> = Vec::new();
+    let mut keyset_ids: HashMap<u32, usize> = HashMap::new();
+    let mut data: Vec<u64> = Vec::with_capacity(sorted.len() * 5);
+    for (&(hour, o, p, k), &n) in sorted {
+        let Some(&h) = hour_index.get(&hour) else {
+            continue;
+        };
+        let o = intern(&mut op_ids, &mut ops, timeline.names.get(o));
+        let p = intern(&mut principal_ids, &mut principals, timeline.names.get(p));
+        let ks = match keyset_ids.get(&k) {
+            Some(&i) => i,
+            None => {
+                let set = timeline
+                    .names
+                    .get(k)
+                    .split('\n')
+                    .map(|key| intern(&mut key_ids, &mut keys, key))
+                    .collect();
+                keysets.push(set);
+                keyset_ids.insert(k, keysets.len() - 1);
+                keysets.len() - 1
+            }
+        };
+        data.extend([h as u64, o as u64, p as u64, ks as u64, n]);
+    }
+    json!({
+        "ops": ops, "principals": principals, "keys": keys, "keysets": keysets, "data": data,
     })
 }
 

@@ -145,6 +145,10 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     }
     outcome.stats.digests_skipped = digests;
     outcome.stats.list_requests = inputs.list_requests;
+    if let Some(r) = &inputs.s3 {
+        outcome.stats.get_requests = r.requests.load(std::sync::atomic::Ordering::Relaxed);
+        outcome.stats.get_retries = r.retries.load(std::sync::atomic::Ordering::Relaxed);
+    }
     if let Some(l) = &inputs.lookup {
         outcome.stats.api_requests = l.requests.load(std::sync::atomic::Ordering::Relaxed);
         outcome.stats.api_throttled = l.throttled.load(std::sync::atomic::Ordering::Relaxed);
@@ -338,7 +342,7 @@ fn gather_inputs(args: &ReplayArgs) -> Result<Inputs> {
         }
     }
     if let (Some(rt), Some(sdk), false) = (&rt, &sdk, urls.is_empty()) {
-        let client = kmsguard::aws::s3_client(sdk, &settings);
+        let client = kmsguard::aws::s3_client_own_retries(sdk, &settings);
         let scope = ListScope {
             accounts: args.account.clone(),
             regions: args.region.clone(),
@@ -347,7 +351,7 @@ fn gather_inputs(args: &ReplayArgs) -> Result<Inputs> {
             let (bucket, prefix) = s3::parse_url(url)?;
             let listing = rt
                 .block_on(s3::list_window(&client, &bucket, &prefix, window, &scope))
-                .with_context(|| format!("cannot list {url}"))?;
+                .with_context(|| format!("cannot read the trail bucket {url}"))?;
             out.list_requests += listing.requests;
             out.digests += listing.digests;
             out.inputs

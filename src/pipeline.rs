@@ -73,8 +73,14 @@ pub struct ReplayStats {
     /// Files whose baseline effects were already in the state store (not counted twice).
     pub files_already_learned: u64,
     pub principals: u64,
-    /// S3 ListObjectsV2 requests made to find the inputs (s3:// sources).
+    /// S3 ListObjectsV2 requests made to find the inputs (s3:// sources), retries
+    /// included.
     pub list_requests: u64,
+    /// S3 GetObject requests made to read them, retries included.
+    pub get_requests: u64,
+    /// Of those, attempts that failed transiently (throttling, 5xx, a cut download) and
+    /// were tried again.
+    pub get_retries: u64,
     /// Requests to the CloudTrail API (cloudtrail:// sources).
     pub api_requests: u64,
     /// Of those, requests that were throttled and retried.

@@ -16,6 +16,11 @@ pub const MAX_HOURS: usize = 24 * 400;
 pub const MAX_PAIRS: usize = 20_000;
 /// Source addresses and user agents kept per pair.
 pub const MAX_SOURCES: usize = 8;
+/// (hour, operation, principal, key set) cells kept for the report's filtered chart:
+/// about 20 bytes each in the page, so at most a few MB whatever the window.
+pub const MAX_CELLS: usize = 250_000;
+/// Distinct strings (operations, principals, key sets) the cells may name.
+pub const MAX_CELL_NAMES: usize = 20_000;
 const MAX_TEXT: usize = 300;
 
 /// One principal's use of one key (`-` for operations on no key).
@@ -101,7 +106,47 @@ pub struct Timeline {
     pub dropped_hours: u64,
     /// Events left out of `pairs` (beyond `MAX_PAIRS`).
     pub dropped_pairs: u64,
+    /// Events per (hour, operation, principal, key set), so the report can redraw the
+    /// chart for a filter: the same events as `hours`, split further. Key sets are the
+    /// event's keys (at most 4, as for `pairs`; `-` for none) joined with newlines, so an
+    /// event naming two keys is one event here. Capped at `MAX_CELLS`.
+    pub cells: HashMap<Cell, u64>,
+    /// Events of `hours` left out of `cells` (beyond `MAX_CELLS`).
+    pub dropped_cells: u64,
+    /// The strings cells refer to (operations, principals, key sets), by index.
+    pub names: Names,
     operations: BTreeSet<String>,
+}
+
+/// A cell of the filtered chart: hour start, then indexes into `Timeline::names` of the
+/// operation, the principal and the key set.
+pub type Cell = (i64, u32, u32, u32);
+
+/// Interned strings: each distinct one stored once, referred to by index.
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    list: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Names {
+    /// The index of `s`, adding it when `add` (else None when it is new).
+    fn id(&mut self, s: &str, add: bool) -> Option<u32> {
+        if let Some(&i) = self.index.get(s) {
+            return Some(i);
+        }
+        if !add {
+            return None;
+        }
+        let i = u32::try_from(self.list.len()).ok()?;
+        self.list.push(s.to_string());
+        self.index.insert(s.to_string(), i);
+        Some(i)
+    }
+
+    pub fn get(&self, i: u32) -> &str {
+        self.list.get(i as usize).map_or("", String::as_str)
+    }
 }
 
 impl Timeline {
@@ -113,6 +158,16 @@ impl Timeline {
         self.events += 1;
         let op = self.operation(ev.event_name().unwrap_or("-"));
         let time = ev.event_time().unwrap_or("");
+        let principal = text(
+            ev.principal_role()
+                .or_else(|| ev.principal())
+                .or_else(|| ev.invoked_by())
+                .unwrap_or("-"),
+        );
+        let mut keys: Vec<String> = ev.key_arns().iter().take(4).map(|k| text(k)).collect();
+        if keys.is_empty() {
+            keys.push("-".into());
+        }
         match crate::analyze::baseline::parse_time(time) {
             Some(t) => {
                 let hour = t - t.rem_euclid(3600);
@@ -123,21 +178,12 @@ impl Timeline {
                         .or_default()
                         .entry(op.clone())
                         .or_default() += 1;
+                    self.add_cell(hour, &op, &principal, &keys.join("\n"), 1);
                 } else {
                     self.dropped_hours += 1;
                 }
             }
             None => self.dropped_hours += 1,
-        }
-        let principal = text(
-            ev.principal_role()
-                .or_else(|| ev.principal())
-                .or_else(|| ev.invoked_by())
-                .unwrap_or("-"),
-        );
-        let mut keys = ev.key_arns();
-        if keys.is_empty() {
-            keys.push("-".into());
         }
         let time = text(time);
         if self.principals.len() < MAX_PAIRS || self.principals.contains_key(&principal) {
@@ -156,8 +202,8 @@ impl Timeline {
         let source = ev.source_ip().map(text);
         let agent = ev.user_agent().map(text);
         let failed = ev.error_code().is_some();
-        for key in keys.into_iter().take(4) {
-            let id = (principal.clone(), text(&key));
+        for key in keys {
+            let id = (principal.clone(), key);
             if self.pairs.len() >= MAX_PAIRS && !self.pairs.contains_key(&id) {
                 self.dropped_pairs += 1;
                 continue;
@@ -173,6 +219,28 @@ impl Timeline {
             one.user_agents.extend(agent.clone());
             one.operations.insert(op.clone(), 1);
             self.pairs.entry(id).or_default().merge(one);
+        }
+    }
+
+    /// Adds `n` events to a cell, or counts them as dropped when the cells are full.
+    fn add_cell(&mut self, hour: i64, op: &str, principal: &str, keys: &str, n: u64) {
+        let add = self.cells.len() < MAX_CELLS && self.names.list.len() + 3 <= MAX_CELL_NAMES;
+        let ids = (
+            self.names.id(op, add),
+            self.names.id(principal, add),
+            self.names.id(keys, add),
+        );
+        let cell = match ids {
+            (Some(o), Some(p), Some(k)) => (hour, o, p, k),
+            _ => {
+                self.dropped_cells += n;
+                return;
+            }
+        };
+        if add || self.cells.contains_key(&cell) {
+            *self.cells.entry(cell).or_default() += n;
+        } else {
+            self.dropped_cells += n;
         }
     }
 
@@ -193,11 +261,14 @@ impl Timeline {
         self.events += other.events;
         self.dropped_hours += other.dropped_hours;
         self.dropped_pairs += other.dropped_pairs;
+        self.dropped_cells += other.dropped_cells;
+        let mut kept_hours = std::collections::HashSet::new();
         for (hour, ops) in other.hours {
             if self.hours.len() >= MAX_HOURS && !self.hours.contains_key(&hour) {
                 self.dropped_hours += ops.values().sum::<u64>();
                 continue;
             }
+            kept_hours.insert(hour);
             let ops: Vec<(String, u64)> = ops
                 .into_iter()
                 .map(|(op, n)| (self.operations_merge(op), n))
@@ -206,6 +277,17 @@ impl Timeline {
             for (op, n) in ops {
                 *mine.entry(op).or_default() += n;
             }
+        }
+        // Cells in a stable order, so which ones a full table keeps does not depend on
+        // hash order.
+        let mut cells: Vec<(Cell, u64)> = other.cells.into_iter().collect();
+        cells.sort_unstable();
+        for ((hour, o, p, k), n) in cells {
+            if !kept_hours.contains(&hour) {
+                continue; // counted in dropped_hours above
+            }
+            let op = self.operations_merge(other.names.get(o).to_string());
+            self.add_cell(hour, &op, other.names.get(p), other.names.get(k), n);
         }
         for (p, u) in other.principals {
             if self.principals.len() >= MAX_PAIRS && !self.principals.contains_key(&p) {
@@ -264,7 +346,31 @@ mod tests {
         );
         assert_eq!(t.events, 3);
         assert_eq!(t.hours.len(), 2);
-        let pair = t.pairs.values().next().unwrap();
+        assert_eq!(t.cells.len(), 3, "(hour, op) x one principal and key");
+        // An event naming two keys is one event in the cells, a use of each in pairs.
+        ev(
+            r#"{"eventSource":"kms.amazonaws.com","eventName":"ReEncrypt","eventTime":"2026-10-01T02:20:00Z","userIdentity":{"type":"IAMUser","arn":"arn:aws:iam::111122223333:user/u1"},"resources":[{"ARN":"arn:aws:kms:us-east-1:111122223333:key/a"},{"ARN":"arn:aws:kms:us-east-1:111122223333:key/b"}]}"#,
+            &mut t,
+        );
+        assert_eq!(t.cells.values().sum::<u64>(), 4);
+        let two = t
+            .cells
+            .keys()
+            .find(|c| t.names.get(c.1) == "ReEncrypt")
+            .unwrap();
+        assert_eq!(
+            t.names.get(two.3),
+            "arn:aws:kms:us-east-1:111122223333:key/a\narn:aws:kms:us-east-1:111122223333:key/b"
+        );
+        assert_eq!(t.pairs.len(), 3);
+        let mut other = t.clone();
+        other.merge(t.clone());
+        assert_eq!(other.cells.values().sum::<u64>(), 8);
+        assert_eq!(other.cells.len(), t.cells.len());
+        let pair = &t.pairs[&(
+            "arn:aws:iam::111122223333:user/u1".to_string(),
+            "arn:aws:kms:us-east-1:111122223333:key/k".to_string(),
+        )];
         assert_eq!(pair.count, 3);
         assert_eq!(pair.first, "2026-10-01T01:10:00Z");
         assert_eq!(pair.last, "2026-10-01T02:10:00Z");
@@ -276,5 +382,47 @@ mod tests {
         let ops: BTreeSet<&String> = t.hours.values().flat_map(|m| m.keys()).collect();
         assert!(ops.len() <= MAX_OPERATIONS + 1);
         assert!(t.pairs.values().all(|p| p.sources.len() <= MAX_SOURCES));
+        // Every event with an hour is in a cell (none dropped at this size).
+        let in_hours: u64 = t.hours.values().flat_map(|m| m.values()).sum();
+        assert_eq!(t.cells.values().sum::<u64>() + t.dropped_cells, in_hours);
+    }
+
+    #[test]
+    fn cells_are_capped() {
+        let rec = |secs: i64, who: usize| {
+            format!(
+                r#"{{"eventSource":"kms.amazonaws.com","eventName":"Decrypt","eventTime":"{}","userIdentity":{{"type":"IAMUser","arn":"arn:aws:iam::111122223333:user/u{who}"}}}}"#,
+                crate::inventory::format_time(secs)
+            )
+        };
+        // Many distinct principals: the names run out before the cells.
+        let mut t = Timeline::default();
+        let n = MAX_CELL_NAMES + 5;
+        for i in 0..n {
+            ev(&rec(1_790_816_400, i), &mut t);
+        }
+        assert!(t.names.list.len() <= MAX_CELL_NAMES);
+        assert!(t.cells.len() > MAX_CELL_NAMES - 10);
+        assert_eq!(t.cells.len() as u64 + t.dropped_cells, n as u64);
+        // A cell of known names is still counted.
+        ev(&rec(1_790_816_400 + 60, 0), &mut t);
+        assert_eq!(t.cells.values().max(), Some(&2));
+        // Few principals over many hours: the cells run out.
+        let mut t = Timeline::default();
+        let mut events = 0u64;
+        const { assert!(MAX_HOURS * 27 > MAX_CELLS) };
+        for h in 0..MAX_HOURS as i64 {
+            for who in 0..27 {
+                ev(&rec(1_790_816_400 + h * 3600, who), &mut t);
+                events += 1;
+            }
+        }
+        assert_eq!(t.cells.len(), MAX_CELLS);
+        assert_eq!(t.dropped_cells, events - MAX_CELLS as u64);
+        let in_hours: u64 = t.hours.values().flat_map(|m| m.values()).sum();
+        assert_eq!(
+            in_hours, events,
+            "the unfiltered chart still has every event"
+        );
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub enum S3Error {
     #[error("{url}: not an S3 URL (write s3://BUCKET/PREFIX)")]
     BadUrl { url: String },
-    #[error("cannot list s3://{bucket}/{prefix}: {message}")]
+    #[error("cannot list s3://{bucket}/{prefix}: {message} (the role needs s3:ListBucket on the bucket; if S3 is failing, run the replay again later)")]
     List {
         bucket: String,
         prefix: String,
@@ -27,7 +27,7 @@ pub enum S3Error {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// Throttling, 5xx, timeouts, a cut connection: still failing after the retries.
-    #[error("still failing after {attempts} attempt(s): {message}")]
+    #[error("still failing after {attempts} attempt(s) (last: {message}); run the replay again later, or with fewer --jobs if S3 throttles")]
     Transient { attempts: u32, message: String },
     /// Gone, access denied, too large: retrying cannot help.
     #[error("{message}")]
@@ -307,7 +307,7 @@ impl Lister<'_> {
                 Err(e) => {
                     let status = e.raw_response().map(|r| r.status().as_u16());
                     let code = e.code().unwrap_or("").to_string();
-                    let text = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+                    let text = error_text(&e);
                     attempt += 1;
                     if !is_transient(status, &code) || attempt >= backoff.max_attempts {
                         return Err(text);
@@ -351,11 +351,40 @@ pub fn classify_get_error(
     match (status, code.as_str()) {
         (_, "NoSuchKey") | (Some(404), _) => GetFailure::Missing(code),
         (_, "AccessDenied") | (Some(403), _) => GetFailure::Denied(code),
-        _ if is_transient(status, &code) => {
-            GetFailure::Transient(aws_sdk_s3::error::DisplayErrorContext(e).to_string())
-        }
-        _ => GetFailure::Other(aws_sdk_s3::error::DisplayErrorContext(e).to_string()),
+        _ if is_transient(status, &code) => GetFailure::Transient(error_text(e)),
+        _ => GetFailure::Other(error_text(e)),
     }
+}
+
+/// An S3 error in one line: `S3 answered 503 SlowDown: Please reduce your request rate.`
+/// when S3 answered, else the chain of causes (timeouts, refused or cut connections),
+/// never the SDK's debug dump of the whole response.
+pub fn error_text<E>(e: &aws_sdk_s3::error::SdkError<E>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if let Some(r) = e.raw_response() {
+        let status = r.status().as_u16();
+        let code = e.code().unwrap_or("no error code");
+        return match e.message() {
+            Some(m) => format!(
+                "S3 answered {status} {code}: {}",
+                crate::analyze::rule::clean(m, 300).collect::<String>()
+            ),
+            None => format!("S3 answered {status} {code}"),
+        };
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn is_transient(status: Option<u16>, code: &str) -> bool {
@@ -388,6 +417,8 @@ pub struct S3Reader {
     pub max_bytes: u64,
     /// GetObject attempts made, retries included.
     pub requests: Arc<AtomicU64>,
+    /// Attempts that failed transiently and were tried again.
+    pub retries: Arc<AtomicU64>,
 }
 
 impl S3Reader {
@@ -402,6 +433,7 @@ impl S3Reader {
             },
             max_bytes: 4 << 30,
             requests: Arc::default(),
+            retries: Arc::default(),
         }
     }
 
@@ -418,8 +450,8 @@ impl S3Reader {
                 attempt += 1;
                 match self.get_once(obj).await {
                     Ok(b) => return Ok(b),
-                    Err((true, message)) if attempt < self.backoff.max_attempts => {
-                        let _ = message;
+                    Err((true, _)) if attempt < self.backoff.max_attempts => {
+                        self.retries.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(self.backoff.delay(attempt - 1, jitter())).await;
                     }
                     Err((true, message)) => {

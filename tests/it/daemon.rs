@@ -500,6 +500,75 @@ async fn every_message_form_duplicates_and_failures_are_handled() {
     );
 }
 
+/// S3 answers GetObject for one file with 503 SlowDown, 500 InternalError, then 503
+/// again (tests/servers/s3_fault_proxy.py in front of moto; SQS goes through it
+/// untouched). With `transient_retries = 1` the daemon retries once in place, releases
+/// the message, and on redelivery retries once more and succeeds: the file is analyzed
+/// and its finding delivered exactly once, and another file is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_get_object_errors_are_retried_and_processed_once() {
+    use crate::servers::FaultProxy;
+    let trail = Trail::new().await;
+    let flaky = "AWSLogs/111122223333/CloudTrail/us-east-1/2026/10/01/111122223333_CloudTrail_us-east-1_20261001T1205Z_flaky.json.gz";
+    let steady = "AWSLogs/111122223333/CloudTrail/us-east-1/2026/10/01/111122223333_CloudTrail_us-east-1_20261001T1205Z_steady.json.gz";
+    let proxy = FaultProxy::start(
+        &trail.moto.endpoint(),
+        &serde_json::json!({"get_errors": 3, "match": "_flaky."}),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let cfg = trail.config(work.path(), "transient_retries = 1\n");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&trail.moto.endpoint(), &proxy.endpoint());
+    std::fs::write(&cfg, text).unwrap();
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+    let started = Instant::now();
+    trail.put(flaky.into(), disable_key_file("ev-flaky")).await;
+    trail
+        .put(steady.into(), disable_key_file("ev-steady"))
+        .await;
+    trail.wait_drained(Duration::from_secs(90)).await;
+    let drained = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sigterm(&daemon);
+    let (code, _) = wait_exit(&mut daemon, Duration::from_secs(15));
+    assert_eq!(code, Some(0));
+    let log = std::fs::read_to_string(work.path().join("daemon.log")).unwrap();
+    let st = proxy.stats();
+    assert_eq!(st["get_errors"], 3, "{st}");
+    assert_eq!(
+        st["per_key"][flaky], 4,
+        "2 attempts, released, 2 attempts: {st}"
+    );
+    assert_eq!(st["per_key"][steady], 1, "{st}");
+    let findings = sink(work.path());
+    assert_eq!(
+        rules_for(&findings, "ev-flaky"),
+        vec!["kms-key-disabled".to_string()],
+        "analyzed exactly once\n{log}"
+    );
+    assert_eq!(
+        rules_for(&findings, "ev-steady"),
+        vec!["kms-key-disabled".to_string()]
+    );
+    assert!(
+        !findings.iter().any(|f| f["kind"] == "health"),
+        "a transient error is no health finding\n{log}"
+    );
+    assert_eq!(
+        log.matches("transient S3 error; retrying").count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("releasing the message for redelivery").count(),
+        1
+    );
+    assert!(log.contains("S3 answered 503 SlowDown: Please reduce your request rate."));
+    assert_eq!(trail.depth(&trail.dlq).await, 0);
+    eprintln!("FIGURES: a GetObject failing 3 times (503, 500, 503) was processed once, {drained:?} after upload (one release for redelivery)");
+}
+
 /// `application/x-www-form-urlencoded`, as S3 writes keys into event notifications.
 fn url_form_encode(s: &str) -> String {
     let mut out = String::new();

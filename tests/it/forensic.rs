@@ -490,6 +490,13 @@ fn principal_of(r: &Value) -> String {
         .to_string()
 }
 
+/// The chart note's time span for these hours (`2026-10-01T00:00:00Z to ...T07:59:59Z`).
+fn hours_note(per_hour: &std::collections::BTreeMap<String, u64>) -> String {
+    let first = per_hour.keys().next().cloned().unwrap_or_default();
+    let last = per_hour.keys().last().cloned().unwrap_or_default();
+    format!("{first} to {}:59:59Z, UTC", &last[..13])
+}
+
 /// Undoes the entity escapes of an attribute value in serialized HTML.
 fn unescape(s: &str) -> String {
     s.replace("&quot;", "\"")
@@ -562,14 +569,42 @@ fn html_report_renders_the_replay_in_chromium() {
     }
 
     let profile = tempfile::tempdir().unwrap();
-    let o = chromium(profile.path())
-        .arg("--dump-dom")
-        .arg(format!("file://{}", report.display()))
-        .output()
-        .expect("chromium runs (scripts/test installs it; or set KMSGUARD_CHROMIUM)");
-    assert!(o.status.success(), "chromium: {}", stderr(&o));
-    let dom = stdout(&o);
-    assert!(dom.contains("data-rendered=\"1\""), "the page's script ran");
+    // The page as Chromium renders it, with the filter given in the URL fragment.
+    let dump = |fragment: &str| -> String {
+        let o = chromium(profile.path())
+            .arg("--dump-dom")
+            .arg(format!("file://{}{fragment}", report.display()))
+            .output()
+            .expect("chromium runs (scripts/test installs it; or set KMSGUARD_CHROMIUM)");
+        assert!(o.status.success(), "chromium: {}", stderr(&o));
+        let dom = stdout(&o);
+        assert!(dom.contains("data-rendered=\"1\""), "the page's script ran");
+        dom
+    };
+    let bar = regex::Regex::new(
+        r#"<rect class="bar"[^>]*data-hour="([^"]*)" data-op="([^"]*)" data-count="(\d+)""#,
+    )
+    .unwrap();
+    // The drawn bars: events per hour and per operation.
+    let drawn = |dom: &str| {
+        let mut per_hour: BTreeMap<String, u64> = BTreeMap::new();
+        let mut per_op: BTreeMap<String, u64> = BTreeMap::new();
+        for c in bar.captures_iter(dom) {
+            let n: u64 = c[3].parse().unwrap();
+            *per_hour.entry(c[1].to_string()).or_default() += n;
+            *per_op.entry(unescape(&c[2])).or_default() += n;
+        }
+        (per_hour, per_op)
+    };
+    let legend = regex::Regex::new(r#"<span data-op="([^"]*)" data-count="(\d+)">"#).unwrap();
+    let legend_total = |dom: &str| -> u64 {
+        legend
+            .captures_iter(dom)
+            .map(|c| c[2].parse::<u64>().unwrap())
+            .sum()
+    };
+    let dom = dump("");
+
     assert!(
         !dom.contains("data-pwned=\""),
         "markup from the logs was executed"
@@ -580,17 +615,7 @@ fn html_report_renders_the_replay_in_chromium() {
     );
 
     // The chart: bars per hour and operation add up to the records'.
-    let bar = regex::Regex::new(
-        r#"<rect class="bar"[^>]*data-hour="([^"]*)" data-op="([^"]*)" data-count="(\d+)""#,
-    )
-    .unwrap();
-    let mut drawn_hour: BTreeMap<String, u64> = BTreeMap::new();
-    let mut drawn_op: BTreeMap<String, u64> = BTreeMap::new();
-    for c in bar.captures_iter(&dom) {
-        let n: u64 = c[3].parse().unwrap();
-        *drawn_hour.entry(c[1].to_string()).or_default() += n;
-        *drawn_op.entry(unescape(&c[2])).or_default() += n;
-    }
+    let (drawn_hour, drawn_op) = drawn(&dom);
     assert_eq!(drawn_hour, per_hour, "events per hour in the chart");
     for (op, n) in &drawn_op {
         if op != "(other)" {
@@ -598,6 +623,7 @@ fn html_report_renders_the_replay_in_chromium() {
         }
     }
     assert_eq!(drawn_op.values().sum::<u64>(), kms.len() as u64);
+    assert_eq!(legend_total(&dom), kms.len() as u64, "legend counts");
 
     // The principal table.
     let row = regex::Regex::new(r#"<tr data-principal="([^"]*)" data-count="(\d+)">"#).unwrap();
@@ -615,6 +641,150 @@ fn html_report_renders_the_replay_in_chromium() {
     assert_eq!(dom.matches("<tr data-rule=").count(), findings.len());
     assert_eq!(dom.matches("class=\"marker ").count(), findings.len());
 
+    // Filtered in the page (the URL fragment sets the filter): the bars are recomputed
+    // from the embedded per-(hour, operation, principal, key) counts. Expected counts
+    // come from the records: the busiest principal, given as a case-changed part of its
+    // name, then that principal and its busiest key (by the key's id alone).
+    let busiest = per_principal
+        .iter()
+        .filter(|(p, _)| !p.contains('<'))
+        .max_by_key(|(p, n)| (**n, std::cmp::Reverse((*p).clone())))
+        .map(|(p, _)| p.clone())
+        .unwrap();
+    let needle = busiest.rsplit('/').next().unwrap().to_string();
+    let key_of = |r: &Value| -> Vec<String> {
+        r["resources"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["type"] == "AWS::KMS::Key")
+                    .filter_map(|x| x["ARN"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut busiest_keys: BTreeMap<String, u64> = BTreeMap::new();
+    for r in kms.iter().filter(|r| principal_of(r) == busiest) {
+        for k in key_of(r) {
+            *busiest_keys.entry(k).or_default() += 1;
+        }
+    }
+    let key_id = busiest_keys
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(k, _)| k.rsplit('/').next().unwrap().to_string())
+        .expect("the busiest principal used a key");
+    let other_key_uses = kms
+        .iter()
+        .filter(|r| {
+            principal_of(r)
+                .to_lowercase()
+                .contains(&needle.to_lowercase())
+        })
+        .filter(|r| !key_of(r).iter().any(|k| k.contains(&key_id)))
+        .count();
+    // And the busiest key of all, alone.
+    let mut all_keys: BTreeMap<String, u64> = BTreeMap::new();
+    for r in &kms {
+        for k in key_of(r) {
+            *all_keys.entry(k).or_default() += 1;
+        }
+    }
+    let top_key = all_keys
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(k, _)| k.rsplit('/').next().unwrap().to_string())
+        .unwrap();
+    for (fragment, principal, key) in [
+        (
+            format!("#principal={}", needle.to_uppercase()),
+            Some(needle.as_str()),
+            None,
+        ),
+        (format!("#key={top_key}"), None, Some(top_key.as_str())),
+        (
+            format!("#principal={needle}&key={}", key_id.to_uppercase()),
+            Some(needle.as_str()),
+            Some(key_id.as_str()),
+        ),
+    ] {
+        let matching: Vec<&Value> = kms
+            .iter()
+            .filter(|r| {
+                principal.is_none_or(|p| principal_of(r).to_lowercase().contains(&p.to_lowercase()))
+            })
+            .filter(|r| key.is_none_or(|k| key_of(r).iter().any(|a| a.contains(k))))
+            .collect();
+        let mut want_hour: BTreeMap<String, u64> = BTreeMap::new();
+        let mut want_op: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &matching {
+            let t = r["eventTime"].as_str().unwrap();
+            *want_hour.entry(format!("{}:00:00Z", &t[..13])).or_default() += 1;
+            *want_op
+                .entry(r["eventName"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        assert!(
+            !matching.is_empty() && matching.len() < kms.len(),
+            "{fragment}"
+        );
+        let dom = dump(&fragment);
+        let (got_hour, got_op) = drawn(&dom);
+        assert_eq!(
+            got_hour, want_hour,
+            "{fragment}: events per hour in the chart"
+        );
+        for (op, n) in &got_op {
+            if op != "(other)" {
+                assert_eq!(want_op.get(op), Some(n), "{fragment}: {op} in the chart");
+            }
+        }
+        assert_eq!(got_op.values().sum::<u64>(), matching.len() as u64);
+        assert_eq!(
+            legend_total(&dom),
+            matching.len() as u64,
+            "{fragment}: legend"
+        );
+        assert!(
+            dom.contains(&format!(
+                "data-shown=\"{}\">({}",
+                matching.len(),
+                hours_note(&per_hour)
+            )),
+            "{fragment}: the note says how many events match"
+        );
+        eprintln!(
+            "FILTER {fragment}: {} of {} events",
+            matching.len(),
+            kms.len()
+        );
+    }
+    assert!(other_key_uses > 0, "the key filter removes some events");
+
+    // A rule filter hides findings and their markers, and leaves the bars alone.
+    let rule = findings[0]["rule"].as_str().unwrap().to_string();
+    let with_rule = findings.iter().filter(|f| f["rule"] == rule).count();
+    let dom = dump(&format!("#rule={rule}"));
+    assert_eq!(drawn(&dom).0, per_hour, "bars unchanged by a rule filter");
+    let marker =
+        regex::Regex::new(r#"<path class="marker [^"]*"[^>]*?( style="display: none;")?>"#)
+            .unwrap();
+    let shown = marker
+        .captures_iter(&dom)
+        .filter(|c| c.get(1).is_none())
+        .count();
+    assert_eq!(shown, with_rule, "markers of rule {rule}");
+
+    let shot_filtered = out.join("report-filtered.png");
+    let o = chromium(profile.path())
+        .args(["--window-size=1300,1400"])
+        .arg(format!("--screenshot={}", shot_filtered.display()))
+        .arg(format!("file://{}#principal={needle}", report.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "chromium screenshot: {}", stderr(&o));
+    assert!(std::fs::metadata(&shot_filtered).unwrap().len() > 10_000);
+
     let shot = out.join("report.png");
     let o = chromium(profile.path())
         .args(["--window-size=1300,1400"])
@@ -625,10 +795,11 @@ fn html_report_renders_the_replay_in_chromium() {
     assert!(o.status.success(), "chromium screenshot: {}", stderr(&o));
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
     eprintln!(
-        "ARTIFACT: report {} ({} bytes), screenshot {}; {} KMS events, {} principals, {} findings",
+        "ARTIFACT: report {} ({} bytes), screenshots {} and {} (filtered by {needle}); {} KMS events, {} principals, {} findings",
         report.display(),
         std::fs::metadata(&report).unwrap().len(),
         shot.display(),
+        shot_filtered.display(),
         kms.len(),
         per_principal.len(),
         findings.len()
@@ -661,4 +832,167 @@ fn remote_sources_need_a_window_and_valid_urls() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
     }
+}
+
+/// Runs `kmsguard replay ARGS --format jsonl --summary json` (not quiet, so warnings
+/// show) with `env`; (findings, summary, stderr, exit code).
+fn replay_with_env(
+    args: &[&str],
+    env: Vec<(&'static str, String)>,
+) -> (Vec<Value>, Value, String, i32) {
+    let o = run(bin()
+        .arg("replay")
+        .args(args)
+        .args(["--format", "jsonl", "--summary", "json"])
+        .envs(env));
+    let err = stderr(&o);
+    let summary = err
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or_else(|| panic!("no JSON summary on stderr: {err}"));
+    (
+        jsonl(&stdout(&o)),
+        summary,
+        err,
+        o.status.code().unwrap_or(-1),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_transient_errors_are_retried_and_persistent_ones_name_the_file() {
+    use crate::servers::FaultProxy;
+    let corpus = generate(&[
+        "--hours",
+        "6",
+        "--events-per-hour",
+        "300",
+        "--scenarios",
+        "key_deletion_scheduled,key_disabled,policy_public,root_kms_usage,denied_decrypt_burst",
+        "--warmup",
+        "0.3",
+        "--seed",
+        "33",
+    ]);
+    let moto = Moto::start();
+    let s3 = s3_client(&moto).await;
+    s3.create_bucket().bucket(BUCKET).send().await.unwrap();
+    upload(&s3, &corpus, "trail").await;
+    let args = [
+        "s3://org-cloudtrail-logs/trail",
+        "--from",
+        "2026-10-01T00:00:00Z",
+        "--to",
+        "2026-10-01T05:59:59Z",
+    ];
+
+    // Without faults, straight to moto.
+    let (clean, clean_summary, err, code) = replay_with_env(&args, moto.env());
+    assert_eq!(code, 0, "{err}");
+    let files = clean_summary["stats"]["files"].as_u64().unwrap();
+    assert!(files > 50 && !clean.is_empty(), "{files} files");
+    assert_eq!(clean_summary["stats"]["bad_files"], 0);
+    assert_eq!(clean_summary["stats"]["get_requests"], files);
+
+    // Through the proxy: 6 GetObject answered 503/500, then 3 bodies cut by a reset, and
+    // 2 ListObjectsV2 answered 503/500. Every one is retried; the findings are the same.
+    let proxy = FaultProxy::start(
+        &moto.endpoint(),
+        &serde_json::json!({"get_errors": 6, "get_resets": 3, "list_errors": 2}),
+    );
+    let started = Instant::now();
+    let (faulty, summary, err, code) = replay_with_env(&args, proxy.env());
+    let wall = started.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "{err}");
+    let st = proxy.stats();
+    assert_eq!(st["get_errors"], 6, "{st}");
+    assert_eq!(st["resets"], 3, "{st}");
+    assert_eq!(st["list_errors"], 2, "{st}");
+    assert_eq!(
+        faulty, clean,
+        "findings with transient faults = findings without"
+    );
+    let stats = &summary["stats"];
+    assert_eq!(stats["files"], files);
+    assert_eq!(stats["bad_files"], 0, "{err}");
+    // Each failure cost exactly one more request: no hidden second layer of retries.
+    assert_eq!(st["get"].as_u64().unwrap(), files + 6 + 3, "{st}");
+    assert_eq!(
+        stats["get_requests"], st["get"],
+        "every GetObject attempt counted"
+    );
+    assert_eq!(stats["get_retries"], 9);
+    assert_eq!(
+        stats["list_requests"].as_u64().unwrap(),
+        clean_summary["stats"]["list_requests"].as_u64().unwrap() + 2
+    );
+    assert_eq!(stats["list_requests"], st["list"]);
+    assert!(
+        !err.contains("warning:"),
+        "transient faults are not reported: {err}"
+    );
+    drop(proxy);
+
+    // A file that fails past the retry budget: reported once by name, counted as bad,
+    // and the replay goes on (exit 0, as for any bad file).
+    let victim = clean
+        .iter()
+        .find(|f| f["kind"] == "rule")
+        .map(|f| f["file"].as_str().unwrap().to_string())
+        .unwrap();
+    let key = victim
+        .strip_prefix("s3://org-cloudtrail-logs/")
+        .unwrap()
+        .to_string();
+    let proxy = FaultProxy::start(&moto.endpoint(), &serde_json::json!({"poison": [key]}));
+    let started = Instant::now();
+    let (partial, summary, err, code) = replay_with_env(&args, proxy.env());
+    let poisoned_wall = started.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "{err}");
+    let st = proxy.stats();
+    assert_eq!(st["per_key"][&key], 5, "5 attempts in all: {st}");
+    assert_eq!(summary["stats"]["bad_files"], 1);
+    assert_eq!(summary["stats"]["files"], files);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "reported once: {err}");
+    assert!(
+        warnings[0].starts_with(&format!("warning: {victim}: cannot read: ")),
+        "{}",
+        warnings[0]
+    );
+    for says in [
+        "5 attempt(s)",
+        "503",
+        "SlowDown",
+        "Please reduce your request rate",
+    ] {
+        assert!(warnings[0].contains(says), "{says}: {}", warnings[0]);
+    }
+    assert!(partial.iter().all(|f| f["file"] != victim.as_str()));
+    for f in clean
+        .iter()
+        .filter(|f| f["kind"] == "rule" && f["file"] != victim.as_str())
+    {
+        assert!(partial.contains(f), "{} still found", f["rule"]);
+    }
+    drop(proxy);
+
+    // A listing that fails past its 8 attempts stops the replay (the inputs would be
+    // incomplete): exit 2, naming the prefix and S3's answer.
+    let proxy = FaultProxy::start(&moto.endpoint(), &serde_json::json!({"list_errors": 100}));
+    let o = run(bin().arg("replay").args(args).envs(proxy.env()));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("cannot read the trail bucket s3://org-cloudtrail-logs/trail: cannot list s3://org-cloudtrail-logs/trail/AWSLogs/: S3 answered 500 InternalError")
+            && err.contains("run the replay again later"),
+        "{err}"
+    );
+    assert_eq!(proxy.stats()["list"], 8, "8 attempts");
+    eprintln!(
+        "FIGURES: {files} S3 objects; with 6 GetObject 5xx, 3 reset bodies and 2 ListObjectsV2 5xx: {wall:.1} s, {} GetObject requests, findings identical ({}); one poisoned object: {poisoned_wall:.1} s, 5 attempts, reported as {}",
+        files + 9,
+        clean.len(),
+        warnings[0]
+    );
 }

@@ -341,3 +341,71 @@ pub fn private_ca(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca = d.join("ca.pem");
     (ca, cert, key)
 }
+
+// ------------------------------------------------------------- S3 fault proxy ---
+
+/// tests/servers/s3_fault_proxy.py in front of moto on a free port: 503 SlowDown and 500
+/// InternalError for the first GetObject / ListObjectsV2 requests, bodies cut by a TCP
+/// reset, poisoned keys (see the script's header); everything else forwarded. Killed on
+/// drop.
+pub struct FaultProxy {
+    pub port: u16,
+    child: Child,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str, config: &Value) -> FaultProxy {
+        let port = crate::support::free_port();
+        let child = Command::new(python())
+            .arg(repo().join("tests/servers/s3_fault_proxy.py"))
+            .arg(port.to_string())
+            .arg(upstream)
+            .arg(config.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the S3 fault proxy");
+        let proxy = FaultProxy { port, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "fault proxy did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proxy
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Environment for a kmsguard process whose AWS endpoint is this proxy.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    /// What the proxy saw and injected (GET /__faults/stats).
+    pub fn stats(&self) -> Value {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        s.write_all(
+            b"GET /__faults/stats HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("proxy stats {body:?}: {e}"))
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
