@@ -17,14 +17,20 @@
 //! Every call goes through `retry`: capped exponential backoff with full jitter on
 //! throttling, and is counted in `ApiCalls`.
 //!
+//! Cross-account: keys of an account listed in `[inventory] roles` are read through that
+//! role (STS AssumeRole, `aws::kms_client_as`); `refresh_region` takes the account to
+//! list, `key` picks the role from the key ARN's account.
+//!
 //! Submodules: `api` (the KMS calls, backoff and call counts), `activity` (what CloudTrail
-//! shows about keys: last seen and used, events that invalidate).
+//! shows about keys: last seen and used, events that invalidate), `config` (`[inventory]`).
 
 pub mod activity;
 mod api;
+pub mod config;
 
 pub use activity::{invalidates, Activity, KeyActivity, INVALIDATING_EVENTS, USE_EVENTS};
 pub use api::{retry, ApiCalls, Backoff};
+pub use config::{InventoryConfig, RawInventory};
 
 use crate::analyze::finding::Finding;
 use crate::store::{self, Store, StoreError};
@@ -32,7 +38,7 @@ use api::{list_aliases, list_keys, read_key};
 use aws_config::SdkConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The store tree the inventory lives in.
@@ -198,7 +204,9 @@ pub struct Inventory {
     store: Store,
     sdk: Option<SdkConfig>,
     opts: InventoryOptions,
-    clients: Mutex<HashMap<String, aws_sdk_kms::Client>>,
+    /// Clients per (account listed in `roles`, or "" for the default credentials; region).
+    clients: tokio::sync::Mutex<HashMap<(String, String), aws_sdk_kms::Client>>,
+    roles: crate::aws::Roles,
     calls: Arc<ApiCalls>,
 }
 
@@ -209,32 +217,55 @@ impl Inventory {
             store,
             sdk,
             opts,
-            clients: Mutex::new(HashMap::new()),
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+            roles: Default::default(),
             calls: Arc::new(ApiCalls::default()),
         }
+    }
+
+    /// Reads the keys of the accounts in `roles` through their role.
+    pub fn with_roles(mut self, roles: crate::aws::Roles) -> Inventory {
+        self.roles = roles;
+        self
+    }
+
+    /// The accounts reached through a role (the default credentials' own account aside).
+    pub fn role_accounts(&self) -> impl Iterator<Item = &str> {
+        self.roles.keys().map(String::as_str)
     }
 
     pub fn calls(&self) -> &ApiCalls {
         &self.calls
     }
 
-    fn client(&self, region: &str) -> Result<aws_sdk_kms::Client, InventoryError> {
+    /// The KMS client for `account`'s keys in `region`: through the account's role when
+    /// `roles` lists it, else with the default credentials.
+    async fn client(
+        &self,
+        account: Option<&str>,
+        region: &str,
+    ) -> Result<aws_sdk_kms::Client, InventoryError> {
         let sdk = self.sdk.as_ref().ok_or(InventoryError::Offline)?;
-        let mut clients = self.clients.lock().map_err(|_| InventoryError::Offline)?;
-        Ok(clients
-            .entry(region.to_string())
-            .or_insert_with(|| {
-                // `retry` is the one retry layer: the SDK's own would hide throttling
-                // from the backoff and from the call counts.
-                let client = crate::aws::kms_client(sdk, Some(region));
-                let conf = client
-                    .config()
-                    .to_builder()
-                    .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
-                    .build();
-                aws_sdk_kms::Client::from_conf(conf)
-            })
-            .clone())
+        let role = account.and_then(|a| self.roles.get_key_value(a));
+        let slot = (
+            role.map(|(a, _)| a.clone()).unwrap_or_default(),
+            region.to_string(),
+        );
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(&slot) {
+            return Ok(c.clone());
+        }
+        // `retry` is the one retry layer: the SDK's own would hide throttling from the
+        // backoff and from the call counts (kms_client_as turns it off).
+        let client = crate::aws::kms_client_as(
+            sdk,
+            region,
+            role.map(|(_, r)| r.as_str()),
+            "kmsguard-inventory",
+        )
+        .await;
+        clients.insert(slot, client.clone());
+        Ok(client)
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
@@ -358,7 +389,7 @@ impl Inventory {
             code: Some("InvalidArn".into()),
             message: format!("`{key_arn}` is not a KMS key ARN"),
         })?;
-        let client = self.client(region)?;
+        let client = self.client(account_of_arn(key_arn), region).await?;
         let mut rec = read_key(
             &client,
             region,
@@ -388,10 +419,15 @@ impl Inventory {
     }
 
     /// Reads every key of `region` (pages of ListKeys and ListAliases, then each key,
-    /// `concurrency` at a time), caching what it reads. Keys that fail are listed in
+    /// `concurrency` at a time), caching what it reads: the keys of `account` through its
+    /// role, or (None) those the default credentials list. Keys that fail are listed in
     /// `failures`; a failure to list at all is an error.
-    pub async fn refresh_region(&self, region: &str) -> Result<RegionInventory, InventoryError> {
-        let client = self.client(region)?;
+    pub async fn refresh_region(
+        &self,
+        account: Option<&str>,
+        region: &str,
+    ) -> Result<RegionInventory, InventoryError> {
+        let client = self.client(account, region).await?;
         let backoff = self.opts.backoff;
         let arns = list_keys(&client, region, &self.calls, &backoff).await?;
         let mut aliases = list_aliases(&client, region, &self.calls, &backoff, None).await?;
@@ -531,6 +567,12 @@ pub fn region_of_arn(arn: &str) -> Option<&str> {
     (resource.starts_with("key/") && !region.is_empty()).then_some(region)
 }
 
+/// The account field of a KMS key ARN.
+pub fn account_of_arn(arn: &str) -> Option<&str> {
+    region_of_arn(arn)?;
+    arn.split(':').nth(4).filter(|a| !a.is_empty())
+}
+
 /// The key id at the end of a key ARN (the ARN itself when it has no `key/`).
 pub fn key_id_of_arn(arn: &str) -> &str {
     arn.rsplit_once(":key/").map_or(arn, |(_, id)| id)
@@ -585,6 +627,8 @@ mod tests {
     fn arns() {
         let arn = "arn:aws:kms:eu-west-1:111122223333:key/mrk-1234";
         assert_eq!(region_of_arn(arn), Some("eu-west-1"));
+        assert_eq!(account_of_arn(arn), Some("111122223333"));
+        assert_eq!(account_of_arn("arn:aws:kms:eu-west-1::alias/x"), None);
         assert_eq!(key_id_of_arn(arn), "mrk-1234");
         assert_eq!(
             region_of_arn("arn:aws:kms:eu-west-1:111122223333:alias/x"),

@@ -640,7 +640,7 @@ async fn throttled_calls_back_off_with_jitter_then_succeed_or_give_up() {
     let store = kmsguard::store::Store::temporary().unwrap();
     let inv = Inventory::new(store, Some(sdk_for(&url).await), opts);
     let ri = inv
-        .refresh_region(EAST)
+        .refresh_region(None, EAST)
         .await
         .expect("succeeds after backoff");
     assert!(ri.keys.is_empty());
@@ -656,7 +656,7 @@ async fn throttled_calls_back_off_with_jitter_then_succeed_or_give_up() {
     let store = kmsguard::store::Store::temporary().unwrap();
     let inv = Inventory::new(store, Some(sdk_for(&url).await), opts);
     let started = Instant::now();
-    match inv.refresh_region(EAST).await {
+    match inv.refresh_region(None, EAST).await {
         Err(InventoryError::Api { op, code, .. }) => {
             assert_eq!(op, "ListKeys");
             assert_eq!(code.as_deref(), Some("ThrottlingException"));
@@ -666,4 +666,121 @@ async fn throttled_calls_back_off_with_jitter_then_succeed_or_give_up() {
     assert_eq!(requests.load(Ordering::SeqCst), 5, "max_attempts in all");
     // Four sleeps, each below its cap: 20 + 40 + 80 + 160 ms at most.
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// A second account, reached through `[inventory] roles` (moto keeps separate state per
+/// account and maps credentials from STS AssumeRole to the role's account).
+const OTHER: &str = "444455556666";
+
+/// Cross-account inventory: keys made in two accounts; posture with a role for the
+/// second account reports both accounts' keys with the right account, replay --enrich
+/// enriches a finding on the other account's key; without the role, that account's keys
+/// are not seen at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn posture_and_enrich_reach_another_account_through_its_role() {
+    let moto = Moto::start();
+    let sdk = moto.sdk(EAST).await;
+    let own = kmsguard::aws::kms_client(&sdk, None);
+    let role = format!("arn:aws:iam::{OTHER}:role/kmsguard-audit");
+    let other = kmsguard::aws::kms_client_as(&sdk, EAST, Some(&role), "kmsguard-tests-setup").await;
+    let norot = || Spec {
+        rotation: false,
+        ..good()
+    };
+    let own_key = make_key(&own, "alias/own-norot", norot()).await;
+    let other_key = make_key(
+        &other,
+        "alias/other-norot",
+        Spec {
+            tags: vec![("owner", "team-b"), ("sensitivity", "high")],
+            ..norot()
+        },
+    )
+    .await;
+    assert!(own_key.contains(&format!(":{ACCT}:key/")), "{own_key}");
+    assert!(
+        other_key.contains(&format!(":{OTHER}:key/")),
+        "moto made the key in the role's account: {other_key}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kmsguard.toml");
+    let cfg = config.to_str().unwrap();
+    std::fs::write(
+        &config,
+        format!("[posture]\nregions = [\"{EAST}\"]\n[inventory]\nroles = {{ \"{OTHER}\" = \"{role}\" }}\n"),
+    )
+    .unwrap();
+    let (findings, err, code) = kmsguard(&moto, &["posture", "--config", cfg]);
+    assert_eq!(code, 0, "{err}");
+    let accounts: BTreeMap<String, String> = findings
+        .iter()
+        .map(|f| {
+            (
+                strs(&f["keys"]).pop().unwrap(),
+                f["account"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        accounts,
+        BTreeMap::from([
+            (own_key.clone(), ACCT.to_string()),
+            (other_key.clone(), OTHER.to_string())
+        ]),
+        "{err}"
+    );
+    let f = findings
+        .iter()
+        .find(|f| strs(&f["keys"]) == [other_key.clone()])
+        .unwrap();
+    assert_eq!(f["rule"], "kms-posture-rotation-disabled");
+    assert_eq!(
+        f["key_alias"], "alias/other-norot",
+        "aliases of the other account"
+    );
+    assert_eq!(f["key_tags"]["owner"], "team-b");
+    assert!(err.contains("(also through 1 account role(s))"), "{err}");
+
+    // Without the role, the other account's keys are invisible.
+    std::fs::write(&config, format!("[posture]\nregions = [\"{EAST}\"]\n")).unwrap();
+    let (findings, err, code) = kmsguard(&moto, &["posture", "--config", cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        findings
+            .iter()
+            .flat_map(|f| strs(&f["keys"]))
+            .collect::<Vec<_>>(),
+        vec![own_key.clone()]
+    );
+
+    // replay --enrich: an event on the other account's key is enriched through the role.
+    std::fs::write(
+        &config,
+        format!("[inventory]\nroles = {{ \"{OTHER}\" = \"{role}\" }}\n"),
+    )
+    .unwrap();
+    let trail = tempfile::tempdir().unwrap();
+    let file = write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[record(
+            "ScheduleKeyDeletion",
+            &other_key,
+            &ts(-60),
+            json!({"pendingWindowInDays": 7}),
+        )],
+    );
+    let o = run(bin()
+        .envs(moto.env())
+        .args(["replay", "--enrich", "--config", cfg, "--format", "jsonl"])
+        .arg(&file));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let found = jsonl(&stdout(&o));
+    let f = found
+        .iter()
+        .find(|f| f["rule"] == "kms-key-deletion-scheduled")
+        .expect("the deletion finding");
+    assert_eq!(f["key_alias"], "alias/other-norot", "{}", stderr(&o));
+    assert_eq!(f["key_tags"]["sensitivity"], "high");
 }
