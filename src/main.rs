@@ -112,6 +112,8 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         timeline: args.report.is_some(),
         s3: inputs.s3.clone(),
         lookup: inputs.lookup.clone(),
+        // Key conditions of rules are decided after enrichment, with the inventory's facts.
+        defer_key_conditions: args.enrich,
     };
     let store = match &args.state {
         Some(dir) => Store::open(dir)?,
@@ -152,6 +154,9 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     if args.enrich || args.state.is_some() {
         let activity = outcome.activity.take();
         replay_inventory(&args, activity, &store, &mut outcome.findings)?;
+    }
+    if args.enrich {
+        resolve_key_conditions(&mut outcome);
     }
     if args.remediate {
         if let Some(cfg) = args.config.as_deref() {
@@ -541,6 +546,13 @@ fn replay_inventory(
     }
     store.flush()?;
     Ok(())
+}
+
+/// Decides the rules' key conditions with the findings' key facts (after enrichment),
+/// dropping suppressed findings and raising escalated severities.
+fn resolve_key_conditions(outcome: &mut pipeline::ReplayOutcome) {
+    kmsguard::analyze::rule::resolve_all(&mut outcome.findings);
+    outcome.stats.findings = outcome.findings.len() as u64;
 }
 
 fn posture_cmd(args: PostureArgs) -> Result<ExitCode> {

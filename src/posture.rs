@@ -341,6 +341,7 @@ fn finding(c: &Check, rec: &KeyRecord, summary: String) -> Finding {
         key_tags: Default::default(),
         context: Default::default(),
         action: None,
+        pending: Default::default(),
     };
     inventory::apply(&mut f, rec);
     f

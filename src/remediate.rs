@@ -834,6 +834,7 @@ fn remediation_finding(f: &Finding, report: ActionReport) -> Finding {
         key_tags: f.key_tags.clone(),
         context: BTreeMap::from([("trigger".to_string(), f.id.clone())]),
         action: Some(report),
+        pending: Default::default(),
     }
 }
 
@@ -894,6 +895,7 @@ mod tests {
             key_tags: Default::default(),
             context: Default::default(),
             action: None,
+            pending: Default::default(),
         }
     }
 

@@ -895,6 +895,7 @@ impl Detector {
             key_tags: Default::default(),
             context: Default::default(),
             action: None,
+            pending: Default::default(),
         }
     }
 }

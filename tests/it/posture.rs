@@ -784,3 +784,126 @@ async fn posture_and_enrich_reach_another_account_through_its_role() {
     assert_eq!(f["key_alias"], "alias/other-norot", "{}", stderr(&o));
     assert_eq!(f["key_tags"]["sensitivity"], "high");
 }
+
+/// The same record made by another role of the account.
+fn by_role(mut r: Value, role: &str) -> Value {
+    r["userIdentity"]["arn"] = json!(format!("arn:aws:sts::{ACCT}:assumed-role/{role}/s"));
+    r["userIdentity"]["sessionContext"]["sessionIssuer"]["arn"] =
+        json!(format!("arn:aws:iam::{ACCT}:role/{role}"));
+    r["eventID"] = json!(format!("{}-{role}", r["eventID"].as_str().unwrap()));
+    r
+}
+
+/// Rules matching key tags, through the binary against moto: the shipped
+/// `kms-key-deletion-scheduled` escalates to critical on a `sensitivity = high` key once
+/// replay --enrich knows the tags; a `[[suppress]]` on `tag:env = dev` for the CI role
+/// drops the CI role's finding on the dev key and nothing else. Offline (no --enrich)
+/// the tags are unknown: no escalation, no suppression.
+#[tokio::test(flavor = "multi_thread")]
+async fn rules_match_key_tags_after_enrichment() {
+    let moto = Moto::start();
+    let kms = kmsguard::aws::kms_client(&moto.sdk(EAST).await, None);
+    let secret = make_key(
+        &kms,
+        "alias/secrets",
+        Spec {
+            tags: vec![("sensitivity", "high"), ("env", "prod")],
+            ..good()
+        },
+    )
+    .await;
+    let dev = make_key(
+        &kms,
+        "alias/dev-scratch",
+        Spec {
+            tags: vec![("sensitivity", "low"), ("env", "dev")],
+            ..good()
+        },
+    )
+    .await;
+    let trail = tempfile::tempdir().unwrap();
+    let t = ts(-300);
+    let file = write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[
+            record(
+                "ScheduleKeyDeletion",
+                &secret,
+                &t,
+                json!({"pendingWindowInDays": 7}),
+            ),
+            by_role(record("DisableKey", &dev, &t, json!({})), "ci"),
+            record("DisableKey", &dev, &t, json!({})),
+            by_role(record("DisableKey", &secret, &t, json!({})), "ci"),
+        ],
+    );
+    let rules = trail.path().join("suppress.toml");
+    std::fs::write(
+        &rules,
+        "[[suppress]]\nrules = [\"kms-key-disabled\"]\nreason = \"CI disables its dev keys\"\nmatch = { all = [\n  { field = \"userIdentity.sessionContext.sessionIssuer.arn\", ends_with = \":role/ci\" },\n  { field = \"tag:env\", equals = \"dev\" },\n] }\n",
+    )
+    .unwrap();
+    // (rule, key, role) -> severity
+    let summary = |found: &[Value]| -> BTreeSet<(String, String, String, String)> {
+        found
+            .iter()
+            .filter(|f| f["kind"] == "rule")
+            .map(|f| {
+                (
+                    f["rule"].as_str().unwrap().to_string(),
+                    strs(&f["keys"]).pop().unwrap(),
+                    f["principal_role"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .rsplit('/')
+                        .next()
+                        .unwrap()
+                        .to_string(),
+                    f["severity"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let row = |r: &str, k: &str, role: &str, s: &str| {
+        (
+            r.to_string(),
+            k.to_string(),
+            role.to_string(),
+            s.to_string(),
+        )
+    };
+    let o = run(bin()
+        .envs(moto.env())
+        .args(["replay", "--enrich", "--no-baselines", "--format", "jsonl"])
+        .arg("--extra-rules")
+        .arg(&rules)
+        .arg(&file));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        summary(&jsonl(&stdout(&o))),
+        BTreeSet::from([
+            row("kms-key-deletion-scheduled", &secret, "ops", "critical"),
+            row("kms-key-disabled", &dev, "ops", "high"),
+            row("kms-key-disabled", &secret, "ci", "critical"),
+        ]),
+        "{}",
+        stderr(&o)
+    );
+    // Offline: what the events say, which is no tags: nothing escalated or suppressed.
+    let o = run(bin()
+        .args(["replay", "--no-baselines", "--format", "jsonl"])
+        .arg("--extra-rules")
+        .arg(&rules)
+        .arg(&file));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        summary(&jsonl(&stdout(&o))),
+        BTreeSet::from([
+            row("kms-key-deletion-scheduled", &secret, "ops", "high"),
+            row("kms-key-disabled", &dev, "ci", "high"),
+            row("kms-key-disabled", &dev, "ops", "high"),
+            row("kms-key-disabled", &secret, "ci", "high"),
+        ])
+    );
+}
