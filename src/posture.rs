@@ -444,6 +444,38 @@ pub async fn audit(
     Ok(out)
 }
 
+/// What a scheduled refresh reports: of the findings of an audit, those whose ids are
+/// not in `reported`, and the state writes that make `reported` the current set (new
+/// ids added; ids of problems no longer found removed, so a problem that comes back is
+/// reported again). Commit the writes with the findings.
+pub fn news(
+    reported: &BTreeSet<String>,
+    findings: Vec<Finding>,
+    now: &str,
+) -> (Vec<Finding>, Vec<crate::store::StateWrite>) {
+    use crate::store::StateWrite;
+    let key = |id: &str| format!("{}{id}", inventory::REPORTED).into_bytes();
+    let current: BTreeSet<&str> = findings.iter().map(|f| f.id.as_str()).collect();
+    let mut writes: Vec<StateWrite> = reported
+        .iter()
+        .filter(|id| !current.contains(id.as_str()))
+        .map(|id| StateWrite {
+            tree: inventory::TREE,
+            key: key(id),
+            value: None,
+        })
+        .collect();
+    let new: Vec<Finding> = findings
+        .into_iter()
+        .filter(|f| !reported.contains(&f.id))
+        .collect();
+    writes.extend(
+        new.iter()
+            .map(|f| StateWrite::put(inventory::TREE, key(&f.id), now.as_bytes().to_vec())),
+    );
+    (new, writes)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("cannot read the KMS keys of region {region} with {via}: {source}")]
@@ -874,6 +906,38 @@ mod tests {
         );
         assert_eq!(a[0].id, b[0].id);
         assert_eq!(a[0].id, finding_id(MISSING_TAGS.id, &[k.arn.clone()]));
+    }
+
+    #[test]
+    fn a_refresh_reports_only_new_problems_and_again_after_a_fix() {
+        let f = |id: &str| Finding {
+            id: id.into(),
+            ..Finding::default()
+        };
+        let (new, w) = news(&BTreeSet::new(), vec![f("a"), f("b")], "t1");
+        assert_eq!(new.len(), 2);
+        assert_eq!(w.len(), 2);
+        let reported: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let (new, w) = news(&reported, vec![f("a"), f("b")], "t2");
+        assert!(
+            new.is_empty() && w.is_empty(),
+            "nothing new, nothing to write"
+        );
+        let (new, w) = news(&reported, vec![f("b"), f("c")], "t3");
+        assert_eq!(new.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(
+            w.iter()
+                .map(|w| (
+                    String::from_utf8_lossy(&w.key).into_owned(),
+                    w.value.is_some()
+                ))
+                .collect::<Vec<_>>(),
+            [
+                ("reported/a".to_string(), false),
+                ("reported/c".to_string(), true)
+            ],
+            "a was fixed: forgotten, so it is reported again if it comes back"
+        );
     }
 
     #[test]

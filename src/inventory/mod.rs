@@ -9,6 +9,8 @@
 //! - `seen/<key ARN>` -> `Seen` (last time CloudTrail showed the key, and last crypto use;
 //!   kept apart so a refresh or an invalidation never forgets it)
 //! - `coverage` -> `Coverage` (the span of CloudTrail time the `seen` entries cover)
+//! - `reported/<finding id>` -> time: posture findings the daemon's refresh has reported
+//!   (so the next refresh does not report them again)
 //!
 //! API use per full inventory of a region: `ListKeys` and `ListAliases` once per page, then
 //! per customer-managed key `DescribeKey`, `ListResourceTags`, `GetKeyPolicy`, `ListGrants`
@@ -43,6 +45,9 @@ use std::time::Duration;
 
 /// The store tree the inventory lives in.
 pub const TREE: &str = "inventory";
+
+/// Key prefix of the posture findings the daemon reported (value: when).
+pub const REPORTED: &str = "reported/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
@@ -475,6 +480,33 @@ impl Inventory {
             }
         }
         out.keys.sort_by(|a, b| a.arn.cmp(&b.arn));
+        Ok(out)
+    }
+
+    /// Adds the alias and tags of the finding's first key with a cached record, whatever
+    /// its age, without calling the API (the daemon's analyzer). Returns whether it did.
+    pub fn enrich_cached(&self, f: &mut Finding) -> Result<bool, StoreError> {
+        for arn in &f.keys {
+            if region_of_arn(arn).is_none() {
+                continue;
+            }
+            if let Some(rec) = self.cached(arn)? {
+                apply(f, &rec);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Ids of the posture findings already reported by the daemon's scheduled refresh
+    /// (`reported/<id>`; see `posture::news`).
+    pub fn reported(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let tree = self.store.tree(TREE)?;
+        let mut out = std::collections::BTreeSet::new();
+        for kv in tree.scan_prefix(REPORTED) {
+            let (k, _) = kv.map_err(StoreError::from)?;
+            out.insert(String::from_utf8_lossy(&k[REPORTED.len()..]).into_owned());
+        }
         Ok(out)
     }
 

@@ -907,3 +907,110 @@ async fn rules_match_key_tags_after_enrichment() {
         ])
     );
 }
+
+/// Lines of the daemon's JSON log whose message is `msg`.
+fn log_lines(log: &Path, msg: &str) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == msg)
+        .collect()
+}
+
+/// `[inventory] refresh` in the daemon: against moto, a key whose rotation is disabled
+/// through the SDK while the daemon runs is reported by the next refresh through the
+/// file sink, exactly once over the following refreshes; a CloudTrail file processed
+/// meanwhile still gets through, with its key's alias and tags from the inventory's
+/// cache, and escalated by the shipped rule for a `sensitivity = high` key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
+    use crate::daemon::{sigterm, sink, wait_exit, Trail};
+    let trail = Trail::new().await;
+    let kms = kmsguard::aws::kms_client(&trail.moto.sdk(EAST).await, None);
+    let key = make_key(
+        &kms,
+        "alias/ledger",
+        Spec {
+            tags: vec![("owner", "team-a"), ("sensitivity", "high")],
+            ..good()
+        },
+    )
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let cfg = trail.config(
+        work.path(),
+        "\n[inventory]\nrefresh = \"2s\"\n\n[posture]\nrequired_tags = [\"owner\"]\n",
+    );
+    let log = work.path().join("daemon.log");
+    let mut daemon = trail.start(&cfg, &log);
+    let refreshes = || log_lines(&log, "inventory refreshed");
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("a first refresh", &|| !refreshes().is_empty());
+    let first = refreshes().remove(0);
+    assert_eq!(first["keys"], 1, "{first}");
+    assert_eq!(first["new"], 0, "a good key: {first}");
+    let posture = |rule: &str| -> Vec<Value> {
+        sink(work.path())
+            .into_iter()
+            .filter(|f| f["kind"] == "posture" && f["rule"] == rule)
+            .collect()
+    };
+    assert!(posture("kms-posture-rotation-disabled").is_empty());
+
+    kms.disable_key_rotation()
+        .key_id(id(&key))
+        .send()
+        .await
+        .expect("disable rotation");
+    let seen = refreshes().len();
+    wait_for("the posture finding in the sink", &|| {
+        !posture("kms-posture-rotation-disabled").is_empty()
+    });
+    // Two more refreshes see the same problem: nothing new reaches the sink.
+    wait_for("two more refreshes", &|| refreshes().len() >= seen + 3);
+    let found = posture("kms-posture-rotation-disabled");
+    assert_eq!(found.len(), 1, "exactly once: {found:?}");
+    assert_eq!(strs(&found[0]["keys"]), [key.clone()]);
+    assert_eq!(found[0]["key_alias"], "alias/ledger");
+    let news: Vec<i64> = refreshes()
+        .iter()
+        .map(|r| r["new"].as_i64().unwrap())
+        .collect();
+    assert_eq!(news.iter().sum::<i64>(), 1, "refreshes: {news:?}");
+
+    // Event processing goes on, and rule findings carry the cached alias and tags.
+    let event = json!({"Records": [record("DisableKey", &key, &ts(-60), json!({}))]});
+    trail
+        .put(
+            format!("AWSLogs/{ACCT}/CloudTrail/{EAST}/2026/11/29/{ACCT}_CloudTrail_{EAST}_20261129T0000Z_x.json"),
+            event.to_string().into_bytes(),
+        )
+        .await;
+    wait_for("the rule finding", &|| {
+        sink(work.path())
+            .iter()
+            .any(|f| f["rule"] == "kms-key-disabled")
+    });
+    let f = sink(work.path())
+        .into_iter()
+        .find(|f| f["rule"] == "kms-key-disabled")
+        .unwrap();
+    assert_eq!(f["key_alias"], "alias/ledger", "{f}");
+    assert_eq!(f["key_tags"]["sensitivity"], "high");
+    assert_eq!(f["severity"], "critical", "escalated by the key's tag");
+
+    sigterm(&daemon);
+    let (code, _) = wait_exit(&mut daemon, Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+}
