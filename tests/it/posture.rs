@@ -1014,3 +1014,66 @@ async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
     let (code, _) = wait_exit(&mut daemon, Duration::from_secs(30));
     assert_eq!(code, Some(0));
 }
+
+/// `kms-posture-unused-key` through the binary: keys 200 days old (moto stamps their
+/// creation date back), a CloudTrail history recorded by `replay --state` that reaches
+/// back 40 days with a DescribeKey (not a use) on the idle key and a Decrypt two days
+/// ago on the busy one. With `unused_days = 30`, only the idle key is reported; before
+/// any history is recorded, the check is not evaluated at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn posture_reports_unused_keys_from_recorded_cloudtrail_history() {
+    let moto = Moto::start_with(&[("KMSGUARD_MOTO_KEY_AGE_SECS", &(200 * 86_400).to_string())]);
+    let kms = kmsguard::aws::kms_client(&moto.sdk(EAST).await, None);
+    let idle = make_key(&kms, "alias/idle", good()).await;
+    let busy = make_key(&kms, "alias/busy", good()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kmsguard.toml");
+    std::fs::write(&config, "[posture]\nunused_days = 30\n").unwrap();
+    let (cfg, st) = (
+        config.to_str().unwrap(),
+        dir.path().join("state").to_str().unwrap().to_string(),
+    );
+    let posture_run = || {
+        kmsguard(
+            &moto,
+            &["posture", "--config", cfg, "--state", &st, "--region", EAST],
+        )
+    };
+
+    let (findings, err, code) = posture_run();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        findings.is_empty(),
+        "no history, not evaluated: {findings:?}"
+    );
+    assert!(err.contains("no CloudTrail history in the state"), "{err}");
+
+    let trail = tempfile::tempdir().unwrap();
+    write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[
+            record("DescribeKey", &idle, &ts(-40 * 86_400), json!({})),
+            record("Decrypt", &busy, &ts(-2 * 86_400), json!({})),
+        ],
+    );
+    let (_, err, code) = replay_jsonl(&[trail.path()], &["--state", &st]);
+    assert_eq!(code, 0, "{err}");
+    let (findings, err, code) = posture_run();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        by_key(&findings),
+        BTreeMap::from([(idle.clone(), set(&["kms-posture-unused-key"]))]),
+        "{err}"
+    );
+    let f = &findings[0];
+    assert_eq!(f["severity"], "low");
+    assert!(
+        f["summary"]
+            .as_str()
+            .unwrap()
+            .contains("last use: never seen"),
+        "{f}"
+    );
+    assert!(!strs(&f["keys"]).contains(&busy));
+}
