@@ -315,7 +315,7 @@ fn key_matches(attr: &KeyAttr, op: &FieldOp, key: &KeyFacts<'_>) -> bool {
         KeyAttr::Alias => key.aliases.iter().map(String::as_str).collect(),
     };
     match op {
-        FieldOp::Exists(want) => !values.is_empty() == *want,
+        FieldOp::Exists(want) => values.is_empty() != *want,
         _ => values
             .into_iter()
             .any(|v| op_matches(op, &Value::String(v.into()))),

@@ -981,7 +981,7 @@ async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
     wait_for("two more refreshes", &|| refreshes().len() >= seen + 3);
     let found = posture("kms-posture-rotation-disabled");
     assert_eq!(found.len(), 1, "exactly once: {found:?}");
-    assert_eq!(strs(&found[0]["keys"]), [key.clone()]);
+    assert_eq!(strs(&found[0]["keys"]), std::slice::from_ref(&key));
     assert_eq!(found[0]["key_alias"], "alias/ledger");
     let news: Vec<i64> = refreshes()
         .iter()
