@@ -88,4 +88,24 @@ mod tests {
         assert!(cfg("refresh = \"0s\"\n").unwrap_err().contains("at least"));
         assert!(cfg("refrsh = \"1h\"\n").unwrap_err().contains("refresh"));
     }
+
+    #[test]
+    fn the_daemon_config_carries_inventory_and_posture() {
+        let text = "[state]\ndir = \"/tmp/x\"\n[[sources.sqs]]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/111122223333/q\"\n[[sinks.file]]\npath = \"/tmp/f.jsonl\"\n[inventory]\nrefresh = \"6h\"\n[posture]\nrequired_tags = [\"owner\"]\n";
+        let c = crate::config::Config::parse(text, std::path::Path::new("k.toml")).unwrap();
+        assert_eq!(c.inventory.refresh, Some(Duration::from_secs(6 * 3600)));
+        assert_eq!(c.posture.required_tags, ["owner"]);
+        let bad = text
+            .replace("\"6h\"", "\"soon\"")
+            .replace("required_tags = [\"owner\"]", "unused_days = 0");
+        let e = crate::config::Config::parse(&bad, std::path::Path::new("k.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[inventory] refresh: `soon`"), "{e}");
+        assert!(e.contains("[posture] unused_days"), "{e}");
+        // The same file serves `kmsguard posture --config`.
+        let (p, i) = crate::posture::PostureConfig::parse_with_inventory(text, "k.toml").unwrap();
+        assert_eq!(p.required_tags, ["owner"]);
+        assert_eq!(i.refresh, Some(Duration::from_secs(6 * 3600)));
+    }
 }

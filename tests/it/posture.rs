@@ -449,11 +449,15 @@ async fn replay_enrich_shows_aliases_and_tags_and_tag_resource_invalidates_the_c
         rich[0]["key_tags"],
         json!({"env": "prod", "sensitivity": "high"})
     );
+    // The shipped rule escalates on the `sensitivity = high` tag once it is known.
+    assert_eq!(plain[0]["severity"], "high");
+    assert_eq!(rich[0]["severity"], "critical");
     // Everything else is as offline.
     let mut stripped = rich[0].clone();
     let o = stripped.as_object_mut().unwrap();
     o.remove("key_alias");
     o.remove("key_tags");
+    o.insert("severity".into(), json!("high"));
     assert_eq!(stripped, plain[0]);
 
     // The key is retagged. The cached record (younger than an hour) still says prod ...
