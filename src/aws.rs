@@ -2,6 +2,10 @@
 //! a default region, and an optional endpoint (local emulators such as moto;
 //! `AWS_ENDPOINT_URL` works too). S3 against a local endpoint needs path-style
 //! addressing, which the Rust SDK cannot take from the environment, so it is a setting.
+//!
+//! Keys of other accounts are reached through a role per account (`Roles`, the
+//! `roles = { "ACCOUNT" = "ROLE ARN" }` tables of `[remediation]` and `[inventory]`):
+//! `kms_client_as` builds a KMS client whose credentials come from STS AssumeRole.
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
@@ -74,6 +78,51 @@ pub fn kms_client(config: &SdkConfig, region: Option<&str>) -> aws_sdk_kms::Clie
     let mut b = aws_sdk_kms::config::Builder::from(config);
     if let Some(r) = region {
         b = b.region(Region::new(r.to_string()));
+    }
+    aws_sdk_kms::Client::from_conf(b.build())
+}
+
+/// Roles to assume per account: 12-digit account id -> role ARN.
+pub type Roles = std::collections::BTreeMap<String, String>;
+
+/// Checks a `roles` table of section `section` (`[remediation]`, `[inventory]`); each
+/// problem names the entry and the fix.
+pub fn validate_roles(section: &str, roles: &Roles, problems: &mut Vec<String>) {
+    for (a, role) in roles {
+        if !(a.len() == 12 && a.bytes().all(|b| b.is_ascii_digit())) {
+            problems.push(format!(
+                "[{section}.roles] \"{a}\": the key must be a 12-digit account id"
+            ));
+        }
+        if !(role.starts_with("arn:") && role.contains(":role/")) {
+            problems.push(format!(
+                "[{section}.roles] \"{a}\" = \"{role}\": use a role ARN, arn:aws:iam::{a}:role/NAME"
+            ));
+        }
+    }
+}
+
+/// A KMS client for one region, without the SDK's own retries (callers run their own
+/// retry layer, so every attempt is seen and counted), and with credentials from STS
+/// AssumeRole of `role` when given (refreshed by the SDK before they expire). The one
+/// way remediation and the inventory reach keys of other accounts.
+pub async fn kms_client_as(
+    config: &SdkConfig,
+    region: &str,
+    role: Option<&str>,
+    session_name: &str,
+) -> aws_sdk_kms::Client {
+    let mut b = aws_sdk_kms::config::Builder::from(config)
+        .region(Region::new(region.to_string()))
+        .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled());
+    if let Some(role) = role {
+        let provider = aws_config::sts::AssumeRoleProvider::builder(role.to_string())
+            .session_name(session_name)
+            .region(Region::new(region.to_string()))
+            .configure(config)
+            .build()
+            .await;
+        b = b.credentials_provider(provider);
     }
     aws_sdk_kms::Client::from_conf(b.build())
 }

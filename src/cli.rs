@@ -144,8 +144,9 @@ pub struct ReplayArgs {
     /// Rules only: no baselines, no anomaly findings.
     #[arg(long, conflicts_with_all = ["state", "learn_only"])]
     pub no_baselines: bool,
-    /// Configuration file; replay uses its [baseline] section (detector settings), and
-    /// with --remediate its [remediation] and [aws] sections.
+    /// Configuration file; replay uses its [baseline] section (detector settings), with
+    /// --enrich its [inventory] roles (keys of other accounts), and with --remediate its
+    /// [remediation] and [aws] sections.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Also send the findings as alerts through the channels of FILE (its
@@ -195,7 +196,9 @@ pub struct PostureArgs {
     /// Region to audit (repeatable) [default: [posture] regions, else the SDK's region].
     #[arg(long, value_name = "REGION")]
     pub region: Vec<String>,
-    /// Config file with a [posture] section (checks to disable, allowlists, tags ...).
+    /// Config file with a [posture] section (checks to disable, allowlists, tags ...) and
+    /// an [inventory] section (roles per account for keys of other accounts); the
+    /// daemon's config file works too.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Output format [default: table on a terminal, jsonl otherwise].

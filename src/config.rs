@@ -43,6 +43,10 @@ pub struct RawConfig {
     pub alerts: RawAlerts,
     /// Automatic remediation (docs/remediation.md); absent: none.
     pub remediation: Option<crate::remediate::RawRemediation>,
+    /// The posture checks run by the scheduled inventory refresh (docs/posture.md).
+    pub posture: Option<crate::posture::PostureConfig>,
+    /// Roles per account and the refresh interval of the key inventory.
+    pub inventory: Option<crate::inventory::RawInventory>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -340,6 +344,10 @@ pub struct Config {
     pub transient_retries: u32,
     /// `[remediation]`, when present.
     pub remediation: Option<crate::remediate::RemediationConfig>,
+    /// `[posture]` (defaults when absent).
+    pub posture: crate::posture::PostureConfig,
+    /// `[inventory]` (no roles, no scheduled refresh when absent).
+    pub inventory: crate::inventory::InventoryConfig,
 }
 
 /// The region in an SQS queue URL (`https://sqs.REGION.amazonaws.com/ACCOUNT/NAME`).
@@ -512,6 +520,14 @@ impl Config {
             .remediation
             .as_ref()
             .map(|r| crate::remediate::RemediationConfig::from_raw(r, &mut problems));
+        let posture = raw.posture.clone().unwrap_or_default();
+        if let Err(m) = posture.validate() {
+            problems.push(m);
+        }
+        let inventory = crate::inventory::InventoryConfig::from_raw(
+            &raw.inventory.clone().unwrap_or_default(),
+            &mut problems,
+        );
         if !problems.is_empty() {
             return Err(ConfigError::Invalid { path: p, problems });
         }
@@ -539,6 +555,8 @@ impl Config {
             max_object_bytes: d.max_object_bytes.unwrap_or(1 << 30),
             transient_retries: d.transient_retries.unwrap_or(4),
             remediation,
+            posture,
+            inventory,
         })
     }
 }

@@ -12,7 +12,13 @@
 //! owns the baselines and does every commit (so commits are serialized), one outbox
 //! deliverer, the metrics endpoint, and the signal handler (SIGTERM: stop receiving,
 //! finish or release in-flight messages within the grace period, flush, exit 0; SIGHUP:
-//! reload rules, keeping the old ones if the new ones are invalid).
+//! reload rules, keeping the old ones if the new ones are invalid), and with `[inventory]
+//! refresh` the inventory refresher (`refresh_loop`: reads every key and runs the
+//! posture checks on a schedule, one refresh at a time; new posture findings go to the
+//! analyzer as a job like a file's, so they reach the sinks through the outbox).
+//!
+//! The analyzer adds each finding's key alias and tags from the inventory's cache (no
+//! API call) and decides the rules' key conditions (`rule::resolve`) before committing.
 
 use crate::analyze::baseline::Detector;
 use crate::analyze::finding::{finding_id, Finding, Kind, Severity};
@@ -61,7 +67,10 @@ enum FileError {
 }
 
 struct Job {
-    key: String,
+    /// The ledger entry of the file; None for the findings of an inventory refresh.
+    key: Option<String>,
+    /// Other state to commit with the findings (the refresh's reported set).
+    state: Vec<crate::store::StateWrite>,
     /// A second ledger entry to write (the object's key without ETag).
     alias: Option<String>,
     analysis: Option<Analysis>,
@@ -207,6 +216,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // not hold `Shared` (which owns the job sender), or the job channel would never close.
     let analyzer = {
         let shared = Committer {
+            inventory: crate::inventory::Inventory::new(store.clone(), None, Default::default()),
             store: store.clone(),
             metrics: metrics.clone(),
             sinks: sinks.clone(),
@@ -218,6 +228,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             .spawn(move || analyzer_loop(jobs_rx, shared, det))
             .map_err(DaemonError::Signals)?
     };
+    let mut refresher = None;
+    if let Some(every) = cfg.inventory.refresh {
+        refresher = Some(tokio::spawn(refresh_loop(
+            shared.clone(),
+            sdk.clone(),
+            every,
+            shutdown_rx.clone(),
+        )));
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.metrics_listen {
@@ -341,6 +360,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     // Deliver what is committed, within what is left of the grace period.
+    if let Some(mut r) = refresher {
+        // It stops at the shutdown signal (a refresh in flight is abandoned); it holds
+        // the job sender, so it must be gone before the analyzer can finish.
+        if tokio::time::timeout_at(deadline, &mut r).await.is_err() {
+            r.abort();
+            let _ = r.await;
+        }
+    }
     let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), async {
         while deliverers.join_next().await.is_some() {}
     })
@@ -778,7 +805,8 @@ async fn submit(
     shared
         .jobs
         .send(Job {
-            key,
+            key: Some(key),
+            state: Vec::new(),
             alias,
             analysis,
             health,
@@ -857,6 +885,8 @@ async fn fetch(shared: &Shared, obj: &ObjectRef) -> Result<(Vec<u8>, Option<Stri
 /// What the analyzer thread needs: the store, metrics, sinks and the outbox signal.
 struct Committer {
     store: Store,
+    /// The key inventory's cache (offline: never calls the API).
+    inventory: crate::inventory::Inventory,
     metrics: Arc<Metrics>,
     sinks: Arc<Vec<Sink>>,
     outbox: Arc<Notify>,
@@ -872,6 +902,7 @@ fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Dete
             job.analysis,
             job.health,
             job.failed,
+            job.state,
         );
         if result.is_ok() {
             shared.outbox.notify_waiters();
@@ -880,35 +911,50 @@ fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Dete
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn analyze_job(
     shared: &Committer,
     det: &mut Detector,
-    key: String,
+    key: Option<String>,
     alias: Option<String>,
     analysis: Option<Analysis>,
     health: Vec<Finding>,
     failed: bool,
+    state: Vec<crate::store::StateWrite>,
 ) -> Result<JobOutcome, StoreError> {
-    match shared.store.ledger_status(&key)? {
-        Some(LedgerStatus::Done) => return Ok(JobOutcome::AlreadyDone),
-        Some(LedgerStatus::Failed) => return Ok(JobOutcome::AlreadyFailed),
-        None => {}
+    if let Some(key) = &key {
+        match shared.store.ledger_status(key)? {
+            Some(LedgerStatus::Done) => return Ok(JobOutcome::AlreadyDone),
+            Some(LedgerStatus::Failed) => return Ok(JobOutcome::AlreadyFailed),
+            None => {}
+        }
     }
     let mut findings = health;
     if let Some(a) = &analysis {
-        findings.extend(a.findings.iter().cloned());
-        if let Some(anomalies) = pipeline::learn(det, &shared.store, &key, &a.observations, true)? {
-            findings.extend(anomalies);
+        let mut found = a.findings.clone();
+        for f in found.iter_mut() {
+            // The cache only: the analyzer never waits on the API.
+            shared.inventory.enrich_cached(f)?;
+        }
+        crate::analyze::rule::resolve_all(&mut found);
+        findings.extend(found);
+        if let Some(key) = &key {
+            if let Some(anomalies) =
+                pipeline::learn(det, &shared.store, key, &a.observations, true)?
+            {
+                findings.extend(anomalies);
+            }
         }
     }
     // One outbox entry per (sink, finding), ordered by a growing sequence number.
     let outbox = outbox::entries_for(&shared.store, &shared.sinks, &findings)?;
-    let entries: Vec<String> = std::iter::once(key).chain(alias).collect();
+    let entries: Vec<String> = key.into_iter().chain(alias).collect();
     let commit = Commit {
         ledger: if failed { Vec::new() } else { entries.clone() },
         failed: if failed { entries } else { Vec::new() },
         baselines: pipeline::dirty_baselines(det),
         outbox,
+        state,
         ..Commit::default()
     };
     let n_outbox = commit.outbox.len() as i64;
@@ -938,6 +984,120 @@ fn analyze_job(
         }
     }
     Ok(JobOutcome::Committed)
+}
+
+/// `[inventory] refresh`: every interval (the first at start), reads every key of the
+/// posture regions (`[posture] regions`, else `[aws] region`) with the default
+/// credentials and through `[inventory] roles`, runs the posture checks, and hands the
+/// findings not reported before (`posture::news`) to the analyzer, which commits them
+/// into the outbox with the updated reported set. One refresh at a time (a tick missed
+/// while one runs is skipped), each bounded in time; the file pipeline never waits on it.
+async fn refresh_loop(
+    shared: Arc<Shared>,
+    sdk: aws_config::SdkConfig,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = &shared.cfg;
+    let regions: Vec<String> = if !cfg.posture.regions.is_empty() {
+        cfg.posture.regions.clone()
+    } else {
+        sdk.region()
+            .map(|r| vec![r.to_string()])
+            .unwrap_or_default()
+    };
+    if regions.is_empty() {
+        warn!("[inventory] refresh is set but there is no region to read: set [posture] regions or [aws] region");
+        return;
+    }
+    let inv = crate::inventory::Inventory::new(
+        shared.store.clone(),
+        Some(sdk),
+        crate::inventory::InventoryOptions {
+            // A refresh reads every key afresh.
+            max_age: Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .with_roles(cfg.inventory.roles.clone());
+    let bound = every.max(Duration::from_secs(300));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let started = std::time::Instant::now();
+        let calls_before = inv.calls().total();
+        let now = crate::inventory::now_secs();
+        let audit = tokio::select! {
+            r = tokio::time::timeout(bound, crate::posture::audit(&inv, &regions, &cfg.posture, now)) => r,
+            _ = shutdown.changed() => return,
+        };
+        let audit = match audit {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                shared.metrics.error("inventory");
+                warn!(error = %e, "inventory refresh failed; the next one is in {} s", every.as_secs());
+                continue;
+            }
+            Err(_) => {
+                shared.metrics.error("inventory");
+                warn!(
+                    secs = bound.as_secs(),
+                    "inventory refresh took too long and was abandoned"
+                );
+                continue;
+            }
+        };
+        for w in &audit.warnings {
+            warn!(problem = %w, "inventory refresh");
+        }
+        let total = audit.findings.len();
+        let reported = match inv.reported() {
+            Ok(r) => r,
+            Err(e) => {
+                shared.metrics.error("store");
+                warn!(error = %e, "cannot read the reported posture findings");
+                continue;
+            }
+        };
+        let (new, state) = crate::posture::news(&reported, audit.findings, &iso_now());
+        let n_new = new.len();
+        if !state.is_empty() {
+            let (reply, rx) = oneshot::channel();
+            let job = Job {
+                key: None,
+                state,
+                alias: None,
+                analysis: None,
+                health: new,
+                failed: false,
+                reply,
+            };
+            if shared.jobs.send(job).await.is_err() {
+                return;
+            }
+            match rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    shared.metrics.error("store");
+                    warn!(error = %e, "cannot commit the posture findings; the next refresh retries");
+                    continue;
+                }
+                Err(_) => return,
+            }
+        }
+        info!(
+            keys = audit.keys,
+            findings = total,
+            new = n_new,
+            api_calls = inv.calls().total() - calls_before,
+            secs = started.elapsed().as_secs_f64(),
+            "inventory refreshed"
+        );
+    }
 }
 
 /// Delivers one sink's outbox entries in order; an entry leaves the outbox only once

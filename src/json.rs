@@ -208,6 +208,13 @@ impl<'v> Iterator for Items<'v> {
     }
 }
 
+/// Calls `f` with a JSON string value holding `s`, for testing text that does not come
+/// from a record (a key's tag or alias) with the same operators.
+pub fn with_str<R>(s: &str, f: impl FnOnce(Value<'_>) -> R) -> R {
+    let node = [Node::String(s)];
+    f(Value(&node))
+}
+
 /// Parses `json` (in place: simd-json unescapes strings into the buffer) and calls `f`
 /// with the document. For tests, inline rule tests and other one-off parses; the decoder
 /// keeps its own reusable buffers.

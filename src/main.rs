@@ -112,6 +112,8 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         timeline: args.report.is_some(),
         s3: inputs.s3.clone(),
         lookup: inputs.lookup.clone(),
+        // Key conditions of rules are decided after enrichment, with the inventory's facts.
+        defer_key_conditions: args.enrich,
     };
     let store = match &args.state {
         Some(dir) => Store::open(dir)?,
@@ -156,6 +158,9 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     if args.enrich || args.state.is_some() {
         let activity = outcome.activity.take();
         replay_inventory(&args, activity, &store, &mut outcome.findings)?;
+    }
+    if args.enrich {
+        resolve_key_conditions(&mut outcome);
     }
     if args.remediate {
         if let Some(cfg) = args.config.as_deref() {
@@ -514,7 +519,11 @@ fn replay_inventory(
     } else {
         None
     };
-    let inv = Inventory::new(store.clone(), sdk, InventoryOptions::default());
+    let roles = match (&args.config, args.enrich) {
+        (Some(p), true) => PostureConfig::load_with_inventory(p)?.1.roles,
+        _ => Default::default(),
+    };
+    let inv = Inventory::new(store.clone(), sdk, InventoryOptions::default()).with_roles(roles);
     if let Some(activity) = activity {
         let invalidated = inv
             .apply_activity(&activity)
@@ -543,6 +552,13 @@ fn replay_inventory(
     Ok(())
 }
 
+/// Decides the rules' key conditions with the findings' key facts (after enrichment),
+/// dropping suppressed findings and raising escalated severities.
+fn resolve_key_conditions(outcome: &mut pipeline::ReplayOutcome) {
+    kmsguard::analyze::rule::resolve_all(&mut outcome.findings);
+    outcome.stats.findings = outcome.findings.len() as u64;
+}
+
 fn posture_cmd(args: PostureArgs) -> Result<ExitCode> {
     if args.list_checks {
         let mut out = std::io::stdout().lock();
@@ -553,9 +569,9 @@ fn posture_cmd(args: PostureArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let started = std::time::Instant::now();
-    let cfg = match &args.config {
-        Some(p) => PostureConfig::load(p)?,
-        None => PostureConfig::default(),
+    let (cfg, inv_cfg) = match &args.config {
+        Some(p) => PostureConfig::load_with_inventory(p)?,
+        None => Default::default(),
     };
     let rt = runtime()?;
     let sdk = rt.block_on(kmsguard::aws::sdk_config(
@@ -580,37 +596,17 @@ fn posture_cmd(args: PostureArgs) -> Result<ExitCode> {
             max_age: std::time::Duration::from_secs(args.max_age),
             ..InventoryOptions::default()
         },
-    );
-    let coverage = inv.coverage()?;
-    let now = inventory::now_secs();
-    let mut findings = Vec::new();
-    let (mut keys, mut customer) = (0usize, 0usize);
-    for region in &regions {
-        let ri = rt
-            .block_on(inv.refresh_region(region))
-            .with_context(|| format!("cannot read the KMS keys of region {region}"))?;
-        for (arn, e) in &ri.failures {
-            eprintln!("warning: {arn}: not audited: {e}");
-        }
-        keys += ri.keys.len();
-        for rec in &ri.keys {
-            customer += usize::from(rec.is_customer_managed());
-            let seen = inv.seen(&rec.arn)?;
-            let ctx = posture::Context {
-                seen: &seen,
-                coverage: &coverage,
-                now,
-            };
-            findings.extend(posture::evaluate(rec, &cfg, &ctx));
-            for part in &rec.errors {
-                eprintln!("warning: {}: partly audited: {part}", rec.arn);
-            }
-        }
+    )
+    .with_roles(inv_cfg.roles.clone());
+    let audit = rt.block_on(posture::audit(&inv, &regions, &cfg, inventory::now_secs()))?;
+    for w in &audit.warnings {
+        eprintln!("warning: {w}");
     }
     store.flush()?;
-    findings.sort_by(|a, b| (&a.keys, &a.rule).cmp(&(&b.keys, &b.rule)));
+    let findings = audit.findings;
+    let keys = audit.keys;
     if !args.quiet {
-        if coverage.from.is_none() {
+        if audit.coverage.from.is_none() {
             eprintln!(
                 "note: no CloudTrail history in the state: {} and {} were not evaluated (run `kmsguard replay --state DIR` and pass the same --state)",
                 posture::UNUSED_KEY.id,
@@ -619,8 +615,13 @@ fn posture_cmd(args: PostureArgs) -> Result<ExitCode> {
         }
         let calls = inv.calls().total();
         eprintln!(
-            "posture: {keys} key(s) ({customer} customer-managed) in {} region(s), {} finding(s); {calls} KMS API call(s) ({:.2} per key, {} throttled) in {:.2} s",
+            "posture: {keys} key(s) ({} customer-managed) in {} region(s){}, {} finding(s); {calls} KMS API call(s) ({:.2} per key, {} throttled) in {:.2} s",
+            audit.customer,
             regions.len(),
+            match inv_cfg.roles.len() {
+                0 => String::new(),
+                n => format!(" (also through {n} account role(s))"),
+            },
             findings.len(),
             calls as f64 / keys.max(1) as f64,
             inv.calls().throttled(),

@@ -35,6 +35,11 @@ pub struct ReplayOptions {
     pub s3: Option<S3Reader>,
     /// How workers read `LogInput::Api` slices (None: such inputs fail as unreadable).
     pub lookup: Option<LookupReader>,
+    /// Leave rules' undecided key conditions (`tag:`, `key:alias`) in
+    /// `Finding::pending` for the caller to decide after enrichment
+    /// (`analyze::rule::resolve_all`); by default they are decided at the end of the
+    /// replay with what the events say about their keys.
+    pub defer_key_conditions: bool,
 }
 
 impl Default for ReplayOptions {
@@ -48,6 +53,7 @@ impl Default for ReplayOptions {
             timeline: false,
             s3: None,
             lookup: None,
+            defer_key_conditions: false,
         }
     }
 }
@@ -479,6 +485,9 @@ pub fn replay(
         return Err(e);
     }
     store.flush()?;
+    if !opts.defer_key_conditions {
+        crate::analyze::rule::resolve_all(&mut findings);
+    }
     findings.sort_by(|a, b| (&a.time, &a.rule, &a.id).cmp(&(&b.time, &b.rule, &b.id)));
     stats.findings = findings.len() as u64;
     stats.principals = store.baseline_count() as u64;

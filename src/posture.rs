@@ -3,7 +3,9 @@
 //! stable id `finding_id(check_id, [key ARN])`. The checks, their severities, rationales
 //! and fixes are the table `CHECKS` (and docs/posture.md); `PostureConfig` is the
 //! `[posture]` section of a TOML file. Evaluation (`evaluate`) is pure: the inventory
-//! reads the API, this module only judges what it read.
+//! reads the API, this module only judges what it read. `audit` drives both over every
+//! region and account (default credentials plus `[inventory] roles`), for `kmsguard
+//! posture` and the daemon's scheduled refresh.
 
 use crate::analyze::finding::{finding_id, Finding, Kind, Severity};
 use crate::analyze::predicates::{
@@ -169,11 +171,28 @@ impl Default for PostureConfig {
     }
 }
 
+/// The sections of a config file posture reads. The daemon's other sections (validated
+/// by `check-config`, not here) are accepted and ignored, so its config file serves
+/// `posture --config` too; any other top-level key is an error (a misspelt `[postur]`
+/// must not pass silently).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)] // the daemon's sections are read only to be accepted
 struct RawFile {
     #[serde(default)]
     posture: Option<PostureConfig>,
+    #[serde(default)]
+    inventory: Option<crate::inventory::RawInventory>,
+    aws: Option<toml::Value>,
+    state: Option<toml::Value>,
+    rules: Option<toml::Value>,
+    sources: Option<toml::Value>,
+    sinks: Option<toml::Value>,
+    metrics: Option<toml::Value>,
+    baseline: Option<toml::Value>,
+    daemon: Option<toml::Value>,
+    alerts: Option<toml::Value>,
+    remediation: Option<toml::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,27 +210,49 @@ pub enum PostureError {
 impl PostureConfig {
     /// Reads the `[posture]` section of a TOML file (defaults when it has none).
     pub fn load(path: &Path) -> Result<PostureConfig, PostureError> {
+        Ok(Self::load_with_inventory(path)?.0)
+    }
+
+    /// Reads the `[posture]` and `[inventory]` sections of a TOML file.
+    pub fn load_with_inventory(
+        path: &Path,
+    ) -> Result<(PostureConfig, crate::inventory::InventoryConfig), PostureError> {
         let text = std::fs::read_to_string(path).map_err(|source| PostureError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse_with_inventory(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<PostureConfig, PostureError> {
+        Ok(Self::parse_with_inventory(text, origin)?.0)
+    }
+
+    pub fn parse_with_inventory(
+        text: &str,
+        origin: &str,
+    ) -> Result<(PostureConfig, crate::inventory::InventoryConfig), PostureError> {
         let invalid = |message: String| PostureError::Invalid {
             path: origin.to_string(),
             message,
         };
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             invalid(format!(
-                "{}(the [posture] keys are: disabled_checks, allowed_accounts, admin_principals, required_tags, dr_region, unused_days, recent_use_days, regions)",
+                "{}(the [posture] keys are: disabled_checks, allowed_accounts, admin_principals, required_tags, dr_region, unused_days, recent_use_days, regions; the [inventory] keys: roles, refresh)",
                 e
             ))
         })?;
         let cfg = raw.posture.unwrap_or_default();
         cfg.validate().map_err(invalid)?;
-        Ok(cfg)
+        let mut problems = Vec::new();
+        let inventory = crate::inventory::InventoryConfig::from_raw(
+            &raw.inventory.unwrap_or_default(),
+            &mut problems,
+        );
+        if !problems.is_empty() {
+            return Err(invalid(problems.join("; ")));
+        }
+        Ok((cfg, inventory))
     }
 
     /// Cross-field checks; the message names the key and the fix.
@@ -300,6 +341,7 @@ fn finding(c: &Check, rec: &KeyRecord, summary: String) -> Finding {
         key_tags: Default::default(),
         context: Default::default(),
         action: None,
+        pending: Default::default(),
     };
     inventory::apply(&mut f, rec);
     f
@@ -329,6 +371,122 @@ fn name(rec: &KeyRecord) -> String {
         Some(a) => format!("{a} ({})", rec.key_id),
         None => rec.key_id.clone(),
     }
+}
+
+/// What `audit` found over every region and account.
+#[derive(Debug, Default)]
+pub struct Audit {
+    /// Sorted by key, then check; one per (check, key).
+    pub findings: Vec<Finding>,
+    /// Keys read (each ARN once), and how many of them are customer-managed.
+    pub keys: usize,
+    pub customer: usize,
+    /// Keys not audited or partly audited, with why (one line each, for warnings).
+    pub warnings: Vec<String>,
+    pub coverage: Coverage,
+}
+
+/// Reads the keys of every region, with the default credentials and through each role
+/// of the inventory, and runs `evaluate` on each (each key ARN once, whoever listed it).
+/// A region or account whose keys cannot be listed is an error naming both.
+pub async fn audit(
+    inv: &inventory::Inventory,
+    regions: &[String],
+    cfg: &PostureConfig,
+    now: i64,
+) -> Result<Audit, AuditError> {
+    let mut out = Audit {
+        coverage: inv.coverage()?,
+        ..Audit::default()
+    };
+    let accounts: Vec<Option<String>> = std::iter::once(None)
+        .chain(inv.role_accounts().map(|a| Some(a.to_string())))
+        .collect();
+    let mut done = BTreeSet::new();
+    for account in &accounts {
+        for region in regions {
+            let ri = inv
+                .refresh_region(account.as_deref(), region)
+                .await
+                .map_err(|source| AuditError::List {
+                    region: region.clone(),
+                    via: match account {
+                        Some(a) => format!("account {a} (through its [inventory] role)"),
+                        None => "the default credentials".into(),
+                    },
+                    source,
+                })?;
+            for (arn, e) in &ri.failures {
+                out.warnings.push(format!("{arn}: not audited: {e}"));
+            }
+            for rec in &ri.keys {
+                if !done.insert(rec.arn.clone()) {
+                    continue;
+                }
+                out.keys += 1;
+                out.customer += usize::from(rec.is_customer_managed());
+                let seen = inv.seen(&rec.arn)?;
+                let ctx = Context {
+                    seen: &seen,
+                    coverage: &out.coverage,
+                    now,
+                };
+                out.findings.extend(evaluate(rec, cfg, &ctx));
+                for part in &rec.errors {
+                    out.warnings
+                        .push(format!("{}: partly audited: {part}", rec.arn));
+                }
+            }
+        }
+    }
+    out.findings
+        .sort_by(|a, b| (&a.keys, &a.rule).cmp(&(&b.keys, &b.rule)));
+    Ok(out)
+}
+
+/// What a scheduled refresh reports: of the findings of an audit, those whose ids are
+/// not in `reported`, and the state writes that make `reported` the current set (new
+/// ids added; ids of problems no longer found removed, so a problem that comes back is
+/// reported again). Commit the writes with the findings.
+pub fn news(
+    reported: &BTreeSet<String>,
+    findings: Vec<Finding>,
+    now: &str,
+) -> (Vec<Finding>, Vec<crate::store::StateWrite>) {
+    use crate::store::StateWrite;
+    let key = |id: &str| format!("{}{id}", inventory::REPORTED).into_bytes();
+    let current: BTreeSet<&str> = findings.iter().map(|f| f.id.as_str()).collect();
+    let mut writes: Vec<StateWrite> = reported
+        .iter()
+        .filter(|id| !current.contains(id.as_str()))
+        .map(|id| StateWrite {
+            tree: inventory::TREE,
+            key: key(id),
+            value: None,
+        })
+        .collect();
+    let new: Vec<Finding> = findings
+        .into_iter()
+        .filter(|f| !reported.contains(&f.id))
+        .collect();
+    writes.extend(
+        new.iter()
+            .map(|f| StateWrite::put(inventory::TREE, key(&f.id), now.as_bytes().to_vec())),
+    );
+    (new, writes)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot read the KMS keys of region {region} with {via}: {source}")]
+    List {
+        region: String,
+        via: String,
+        #[source]
+        source: inventory::InventoryError,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Runs every enabled check on one key. AWS-managed keys are not audited.
@@ -748,6 +906,38 @@ mod tests {
         );
         assert_eq!(a[0].id, b[0].id);
         assert_eq!(a[0].id, finding_id(MISSING_TAGS.id, &[k.arn.clone()]));
+    }
+
+    #[test]
+    fn a_refresh_reports_only_new_problems_and_again_after_a_fix() {
+        let f = |id: &str| Finding {
+            id: id.into(),
+            ..Finding::default()
+        };
+        let (new, w) = news(&BTreeSet::new(), vec![f("a"), f("b")], "t1");
+        assert_eq!(new.len(), 2);
+        assert_eq!(w.len(), 2);
+        let reported: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let (new, w) = news(&reported, vec![f("a"), f("b")], "t2");
+        assert!(
+            new.is_empty() && w.is_empty(),
+            "nothing new, nothing to write"
+        );
+        let (new, w) = news(&reported, vec![f("b"), f("c")], "t3");
+        assert_eq!(new.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(
+            w.iter()
+                .map(|w| (
+                    String::from_utf8_lossy(&w.key).into_owned(),
+                    w.value.is_some()
+                ))
+                .collect::<Vec<_>>(),
+            [
+                ("reported/a".to_string(), false),
+                ("reported/c".to_string(), true)
+            ],
+            "a was fixed: forgotten, so it is reported again if it comes back"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::analyze::finding::{
 use crate::analyze::predicates::policy_text_is_open;
 use crate::inventory::{self, format_time, now_secs, parse_time, Inventory};
 use crate::store::Store;
-use aws_config::{Region, SdkConfig};
+use aws_config::SdkConfig;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::operation::RequestId;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -286,20 +286,8 @@ impl Engine {
         if let Some(c) = clients.get(&(account.to_string(), region.to_string())) {
             return c.clone();
         }
-        let mut b = aws_sdk_kms::config::Builder::from(&self.sdk)
-            .region(Region::new(region.to_string()))
-            // Our `retry` is the one retry layer, so every attempt is seen and reported.
-            .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled());
-        if let Some(role) = self.cfg.roles.get(account) {
-            let provider = aws_config::sts::AssumeRoleProvider::builder(role.clone())
-                .session_name("kmsguard-remediate")
-                .region(Region::new(region.to_string()))
-                .configure(&self.sdk)
-                .build()
-                .await;
-            b = b.credentials_provider(provider);
-        }
-        let c = aws_sdk_kms::Client::from_conf(b.build());
+        let role = self.cfg.roles.get(account).map(String::as_str);
+        let c = crate::aws::kms_client_as(&self.sdk, region, role, "kmsguard-remediate").await;
         clients.insert((account.to_string(), region.to_string()), c.clone());
         c
     }
@@ -846,6 +834,7 @@ fn remediation_finding(f: &Finding, report: ActionReport) -> Finding {
         key_tags: f.key_tags.clone(),
         context: BTreeMap::from([("trigger".to_string(), f.id.clone())]),
         action: Some(report),
+        pending: Default::default(),
     }
 }
 
@@ -906,6 +895,7 @@ mod tests {
             key_tags: Default::default(),
             context: Default::default(),
             action: None,
+            pending: Default::default(),
         }
     }
 

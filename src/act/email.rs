@@ -417,6 +417,7 @@ mod tests {
             key_tags: Default::default(),
             context: Default::default(),
             action: None,
+            pending: Default::default(),
         };
         Alert::single("mail", f)
     }

@@ -891,6 +891,7 @@ impl Detector {
             key_tags: Default::default(),
             context: Default::default(),
             action: None,
+            pending: Default::default(),
         }
     }
 }

@@ -119,6 +119,11 @@ pub struct Finding {
     /// state before and after.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub action: Option<ActionReport>,
+    /// The rule's key conditions (`tag:`, `key:alias`) the event alone could not decide,
+    /// to be decided once the key's facts are known (`rule::resolve`). Never
+    /// serialized: findings are resolved before they are output or committed.
+    #[serde(skip)]
+    pub pending: crate::analyze::rule::Pending,
 }
 
 /// What happened to a remediation: a contract like the rest of the finding.

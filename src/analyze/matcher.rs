@@ -2,6 +2,13 @@
 //! dotted field paths, combined with all/any/not, plus calls to named predicates.
 //! Compilation checks everything up front (regexes, predicate names, one operator per
 //! condition) so evaluation cannot fail.
+//!
+//! Besides the record, a condition can test what the key *is*: `field = "tag:NAME"` (a
+//! tag of the event's key) and `field = "key:alias"` (one of its aliases). Those facts
+//! come from the key inventory after enrichment, which happens after analysis; so a
+//! condition that uses them is evaluated in two steps: `partial` decides everything the
+//! record decides and leaves a residual over key facts only (or a constant), and
+//! `resolve` decides the residual once the facts are known (`KeyFacts`).
 
 use crate::analyze::predicates::Predicate;
 use crate::event::{as_f64, Event, Kind, Value};
@@ -49,14 +56,37 @@ pub enum FieldOp {
     Lt(f64),
 }
 
+/// A fact about the event's key rather than the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyAttr {
+    /// `tag:NAME`: the value of tag NAME.
+    Tag(String),
+    /// `key:alias`: an alias name (`alias/...`).
+    Alias,
+}
+
+/// What is known about a key when key conditions are decided: from the inventory after
+/// enrichment, else only what the events themselves said (CreateKey, TagResource).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyFacts<'a> {
+    pub aliases: &'a [String],
+    pub tags: &'a std::collections::BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone)]
 pub enum Matcher {
     All(Vec<Matcher>),
     Any(Vec<Matcher>),
     Not(Box<Matcher>),
     Field { path: Vec<String>, op: FieldOp },
+    Key { attr: KeyAttr, op: FieldOp },
     Predicate(Predicate),
 }
+
+/// The constant true (an empty `all`).
+const TRUE: fn() -> Matcher = || Matcher::All(Vec::new());
+/// The constant false (an empty `any`).
+const FALSE: fn() -> Matcher = || Matcher::Any(Vec::new());
 
 fn scalar(v: &toml::Value) -> Result<Scalar, String> {
     match v {
@@ -124,6 +154,20 @@ impl Matcher {
                 "`field = \"{field}\"` is not a dotted path such as `requestParameters.keyId`"
             ));
         }
+        let key_attr = if let Some(name) = field.strip_prefix("tag:") {
+            if name.is_empty() {
+                return Err("`field = \"tag:\"` needs a tag key, e.g. `tag:sensitivity`".into());
+            }
+            Some(KeyAttr::Tag(name.to_string()))
+        } else if field == "key:alias" {
+            Some(KeyAttr::Alias)
+        } else if field.starts_with("key:") {
+            return Err(format!(
+                "`field = \"{field}\"`: the key fields are `key:alias` and `tag:NAME`"
+            ));
+        } else {
+            None
+        };
         if ops.len() != 1 {
             return Err(format!(
                 "field `{field}` needs exactly one operator (equals, in, contains, starts_with, ends_with, regex, exists, gt, lt), found {}",
@@ -151,23 +195,127 @@ impl Matcher {
         } else {
             unreachable!("one operator was counted above")
         };
+        if let Some(attr) = key_attr {
+            return Ok(Matcher::Key { attr, op });
+        }
         Ok(Matcher::Field {
             path: field.split('.').map(str::to_string).collect(),
             op,
         })
     }
 
-    pub fn matches(&self, ev: &Event<'_>) -> bool {
+    /// Whether the condition tests key facts (`tag:`, `key:alias`) anywhere.
+    pub fn uses_key(&self) -> bool {
         match self {
-            Matcher::All(list) => list.iter().all(|m| m.matches(ev)),
-            Matcher::Any(list) => list.iter().any(|m| m.matches(ev)),
-            Matcher::Not(m) => !m.matches(ev),
+            Matcher::All(l) | Matcher::Any(l) => l.iter().any(Matcher::uses_key),
+            Matcher::Not(m) => m.uses_key(),
+            Matcher::Key { .. } => true,
+            Matcher::Field { .. } | Matcher::Predicate(_) => false,
+        }
+    }
+
+    /// Evaluates on the record with the key facts known now.
+    pub fn matches(&self, ev: &Event<'_>, key: &KeyFacts<'_>) -> bool {
+        match self {
+            Matcher::All(list) => list.iter().all(|m| m.matches(ev, key)),
+            Matcher::Any(list) => list.iter().any(|m| m.matches(ev, key)),
+            Matcher::Not(m) => !m.matches(ev, key),
             Matcher::Predicate(p) => p.eval(ev),
             Matcher::Field { path, op } => match op {
                 FieldOp::Exists(want) => ev.any_at(path, &mut |v| !v.is_null()) == *want,
                 _ => ev.any_at(path, &mut |v| op_matches(op, v)),
             },
+            Matcher::Key { attr, op } => key_matches(attr, op, key),
         }
+    }
+
+    /// Decides what the record decides: the result is a constant (`as_const`) or a
+    /// residual condition over key facts only, for `resolve`.
+    pub fn partial(&self, ev: &Event<'_>) -> Matcher {
+        let constant = |b: bool| if b { TRUE() } else { FALSE() };
+        match self {
+            Matcher::Field { .. } | Matcher::Predicate(_) => {
+                let none = std::collections::BTreeMap::new();
+                constant(self.matches(
+                    ev,
+                    &KeyFacts {
+                        aliases: &[],
+                        tags: &none,
+                    },
+                ))
+            }
+            Matcher::Key { .. } => self.clone(),
+            Matcher::Not(m) => match m.partial(ev) {
+                r if r.as_const().is_some() => constant(r.as_const() == Some(false)),
+                r => Matcher::Not(Box::new(r)),
+            },
+            Matcher::All(list) => {
+                let mut rest = Vec::new();
+                for m in list {
+                    match m.partial(ev) {
+                        r if r.as_const() == Some(false) => return FALSE(),
+                        r if r.as_const() == Some(true) => {}
+                        r => rest.push(r),
+                    }
+                }
+                if rest.len() == 1 {
+                    rest.remove(0)
+                } else {
+                    Matcher::All(rest)
+                }
+            }
+            Matcher::Any(list) => {
+                let mut rest = Vec::new();
+                for m in list {
+                    match m.partial(ev) {
+                        r if r.as_const() == Some(true) => return TRUE(),
+                        r if r.as_const() == Some(false) => {}
+                        r => rest.push(r),
+                    }
+                }
+                if rest.len() == 1 {
+                    rest.remove(0)
+                } else {
+                    Matcher::Any(rest)
+                }
+            }
+        }
+    }
+
+    /// Some(b) when the condition is the constant b (an empty `all` or `any`).
+    pub fn as_const(&self) -> Option<bool> {
+        match self {
+            Matcher::All(l) if l.is_empty() => Some(true),
+            Matcher::Any(l) if l.is_empty() => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Decides a residual of `partial` with the key facts. Record conditions cannot be
+    /// in a residual; should one be, it does not match.
+    pub fn resolve(&self, key: &KeyFacts<'_>) -> bool {
+        match self {
+            Matcher::All(list) => list.iter().all(|m| m.resolve(key)),
+            Matcher::Any(list) => list.iter().any(|m| m.resolve(key)),
+            Matcher::Not(m) => !m.resolve(key),
+            Matcher::Key { attr, op } => key_matches(attr, op, key),
+            Matcher::Field { .. } | Matcher::Predicate(_) => false,
+        }
+    }
+}
+
+/// A key condition: a tag's value or any alias, tested like a record string (numbers
+/// compare numerically); `exists` tests presence.
+fn key_matches(attr: &KeyAttr, op: &FieldOp, key: &KeyFacts<'_>) -> bool {
+    let values: Vec<&str> = match attr {
+        KeyAttr::Tag(name) => key.tags.get(name).map(String::as_str).into_iter().collect(),
+        KeyAttr::Alias => key.aliases.iter().map(String::as_str).collect(),
+    };
+    match op {
+        FieldOp::Exists(want) => values.is_empty() != *want,
+        _ => values
+            .into_iter()
+            .any(|v| crate::json::with_str(v, |v| op_matches(op, v))),
     }
 }
 

@@ -3,10 +3,10 @@
 //! and running each rule's inline tests. The format is documented in `docs/rules.md`.
 
 use crate::analyze::finding::{finding_id, Finding, Kind, Severity};
-use crate::analyze::matcher::{Matcher, RawCond};
-use crate::event::{Event, KMS_SOURCE};
+use crate::analyze::matcher::{KeyFacts, Matcher, RawCond};
+use crate::event::{Event, Value, KMS_SOURCE};
 use serde::Deserialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// The rules shipped in the repository, compiled into the binary.
@@ -61,8 +61,150 @@ pub struct Suppression {
 }
 
 impl Suppression {
-    fn applies(&self, rule: &str, ev: &Event<'_>) -> bool {
-        self.rules.iter().any(|r| r == "*" || r == rule) && self.matcher.matches(ev)
+    fn covers(&self, rule: &str) -> bool {
+        self.rules.iter().any(|r| r == "*" || r == rule)
+    }
+}
+
+/// A rule's severity raised when a condition holds (`escalate = [{ severity, when }]`).
+#[derive(Debug, Clone)]
+pub struct Escalation {
+    pub severity: Severity,
+    when: Matcher,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEscalation {
+    severity: String,
+    when: RawCond,
+}
+
+/// One key condition left for later (see `Finding::pending`).
+#[derive(Debug, Clone)]
+enum Deferred {
+    /// The rule's `match`: the finding stands only if it holds.
+    Require(Matcher),
+    /// A rule `suppress` or a `[[suppress]]`: the finding is dropped if it holds.
+    Suppress(Matcher),
+    /// An `escalate` entry: the severity is raised if it holds.
+    Escalate(Severity, Matcher),
+}
+
+/// The key conditions of a finding's rule that its event alone could not decide, with
+/// what the event itself said about its key (tags of CreateKey and TagResource, the
+/// alias of CreateAlias and UpdateAlias): the facts used when the finding was not
+/// enriched from the key inventory.
+#[derive(Debug, Clone, Default)]
+pub struct Pending {
+    checks: Vec<Deferred>,
+    event_tags: BTreeMap<String, String>,
+    event_aliases: Vec<String>,
+}
+
+impl PartialEq for Pending {
+    /// Conditions are compared by count only (compiled regexes have no equality).
+    fn eq(&self, other: &Pending) -> bool {
+        self.checks.len() == other.checks.len()
+            && self.event_tags == other.event_tags
+            && self.event_aliases == other.event_aliases
+    }
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.checks.is_empty()
+    }
+}
+
+/// Decides a finding's pending key conditions with the key facts it carries: its
+/// `key_tags` and `key_alias` when enrichment set them, else what its event said.
+/// Returns false when the finding must be dropped (its `match` fails or a suppression
+/// holds); raises its severity for each escalation that holds. Idempotent.
+pub fn resolve(f: &mut Finding) -> bool {
+    let p = std::mem::take(&mut f.pending);
+    if p.checks.is_empty() {
+        return true;
+    }
+    let enriched = !f.key_tags.is_empty() || f.key_alias.is_some();
+    let aliases: Vec<String> = f.key_alias.iter().cloned().collect();
+    let facts = if enriched {
+        KeyFacts {
+            aliases: &aliases,
+            tags: &f.key_tags,
+        }
+    } else {
+        KeyFacts {
+            aliases: &p.event_aliases,
+            tags: &p.event_tags,
+        }
+    };
+    let mut severity = f.severity;
+    for c in &p.checks {
+        match c {
+            Deferred::Require(m) if !m.resolve(&facts) => return false,
+            Deferred::Suppress(m) if m.resolve(&facts) => return false,
+            Deferred::Escalate(s, m) if m.resolve(&facts) => severity = severity.max(*s),
+            _ => {}
+        }
+    }
+    f.severity = severity;
+    true
+}
+
+/// `resolve` over many findings, dropping those it rejects.
+pub fn resolve_all(findings: &mut Vec<Finding>) {
+    findings.retain_mut(resolve);
+}
+
+/// What the event itself says about its key: tags set by CreateKey or TagResource
+/// (`requestParameters.tags[].tagKey/tagValue`) and the alias named by CreateAlias or
+/// UpdateAlias.
+fn event_key_facts(ev: &Event<'_>) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut tags = BTreeMap::new();
+    let mut aliases = Vec::new();
+    match ev.event_name() {
+        Some("CreateKey" | "TagResource") => {
+            if let Some(list) = ev.get(&["requestParameters", "tags"]) {
+                for t in list.items() {
+                    let text = |k: &str| t.get(k).and_then(Value::as_str).map(str::to_string);
+                    if let (Some(k), Some(v)) = (text("tagKey"), text("tagValue")) {
+                        tags.insert(k, v);
+                    }
+                }
+            }
+        }
+        Some("CreateAlias" | "UpdateAlias") => {
+            if let Some(a) = ev.str(&["requestParameters", "aliasName"]) {
+                aliases.push(a.to_string());
+            }
+        }
+        _ => {}
+    }
+    (tags, aliases)
+}
+
+/// The outcome of a condition on one event: decided, or a residual over key facts.
+enum Decided {
+    Const(bool),
+    Residual(Matcher),
+}
+
+fn decide(m: &Matcher, ev: &Event<'_>) -> Decided {
+    if !m.uses_key() {
+        let none = BTreeMap::new();
+        return Decided::Const(m.matches(
+            ev,
+            &KeyFacts {
+                aliases: &[],
+                tags: &none,
+            },
+        ));
+    }
+    let r = m.partial(ev);
+    match r.as_const() {
+        Some(b) => Decided::Const(b),
+        None => Decided::Residual(r),
     }
 }
 
@@ -91,6 +233,9 @@ struct RawRule {
     /// (what a remediation needs, e.g. `responseElements.grantId`).
     #[serde(default)]
     capture: Vec<String>,
+    /// Severity raised when a condition holds (typically on key tags).
+    #[serde(default)]
+    escalate: Vec<RawEscalation>,
     #[serde(default)]
     tests: Vec<RawTest>,
 }
@@ -102,6 +247,14 @@ struct RawTest {
     name: Option<String>,
     expect: String,
     event: toml::Value,
+    /// The key's tags and alias as the inventory would give them (enrichment).
+    #[serde(default)]
+    key_tags: BTreeMap<String, String>,
+    #[serde(default)]
+    key_alias: Option<String>,
+    /// The finding's expected severity (after escalations), when it matches.
+    #[serde(default)]
+    severity: Option<String>,
 }
 
 /// An inline test of a rule: an event (merged over a default KMS record) and whether the
@@ -111,6 +264,9 @@ pub struct RuleTest {
     pub name: String,
     pub expect_match: bool,
     pub event: serde_json::Value,
+    pub key_tags: BTreeMap<String, String>,
+    pub key_alias: Option<String>,
+    pub severity: Option<Severity>,
 }
 
 /// A compiled rule.
@@ -129,19 +285,74 @@ pub struct Rule {
     pub remediation: Option<String>,
     /// Dotted paths captured into findings' `context`.
     pub capture: Vec<String>,
+    pub escalate: Vec<Escalation>,
     pub tests: Vec<RuleTest>,
 }
 
 impl Rule {
-    /// True when the rule fires on `ev` (source, name, match, and no suppression).
-    pub fn fires(&self, ev: &Event<'_>) -> bool {
+    fn selects(&self, ev: &Event<'_>) -> bool {
         ev.event_source() == Some(self.event_source.as_str())
             && (self.event_names.is_empty()
                 || ev
                     .event_name()
                     .is_some_and(|n| self.event_names.iter().any(|x| x == n)))
-            && self.matcher.as_ref().is_none_or(|m| m.matches(ev))
-            && !self.suppress.iter().any(|m| m.matches(ev))
+    }
+
+    /// The finding the rule makes of `ev`, if any, before suppressions of the file
+    /// (`suppressions`) and key conditions: what the event decides is decided here; key
+    /// conditions it cannot decide are left in `Finding::pending` for `resolve`.
+    fn evaluate(
+        &self,
+        ev: &Event<'_>,
+        file: &str,
+        suppressions: &[&Suppression],
+    ) -> Option<Finding> {
+        if !self.selects(ev) {
+            return None;
+        }
+        let mut checks = Vec::new();
+        if let Some(m) = &self.matcher {
+            match decide(m, ev) {
+                Decided::Const(false) => return None,
+                Decided::Const(true) => {}
+                Decided::Residual(r) => checks.push(Deferred::Require(r)),
+            }
+        }
+        let suppress = self
+            .suppress
+            .iter()
+            .chain(suppressions.iter().map(|s| &s.matcher));
+        for m in suppress {
+            match decide(m, ev) {
+                Decided::Const(true) => return None,
+                Decided::Const(false) => {}
+                Decided::Residual(r) => checks.push(Deferred::Suppress(r)),
+            }
+        }
+        let mut f = self.finding(ev, file);
+        for e in &self.escalate {
+            match decide(&e.when, ev) {
+                Decided::Const(true) => f.severity = f.severity.max(e.severity),
+                Decided::Const(false) => {}
+                Decided::Residual(r) => checks.push(Deferred::Escalate(e.severity, r)),
+            }
+        }
+        if !checks.is_empty() {
+            let (event_tags, event_aliases) = event_key_facts(ev);
+            f.pending = Pending {
+                checks,
+                event_tags,
+                event_aliases,
+            };
+        }
+        Some(f)
+    }
+
+    /// True when the rule fires on `ev` (source, name, match, and no suppression of its
+    /// own), deciding key conditions with what the event says about its key.
+    pub fn fires(&self, ev: &Event<'_>) -> bool {
+        self.evaluate(ev, "", &[])
+            .is_some_and(|mut f| resolve(&mut f))
     }
 
     fn finding(&self, ev: &Event<'_>, file: &str) -> Finding {
@@ -172,6 +383,7 @@ impl Rule {
             key_tags: Default::default(),
             context: self.captured(ev),
             action: None,
+            pending: Default::default(),
         }
     }
 }
@@ -483,8 +695,13 @@ impl RuleSet {
         let any = by_name.get("").into_iter().flatten();
         for &i in named.chain(any) {
             let rule = &self.rules[i];
-            if rule.fires(ev) && !self.suppressions.iter().any(|s| s.applies(&rule.id, ev)) {
-                out.push(rule.finding(ev, file));
+            let file_suppressions: Vec<&Suppression> = self
+                .suppressions
+                .iter()
+                .filter(|s| s.covers(&rule.id))
+                .collect();
+            if let Some(f) = rule.evaluate(ev, file, &file_suppressions) {
+                out.push(f);
             }
         }
     }
@@ -497,19 +714,36 @@ impl RuleSet {
                 let mut event = base_event(rule);
                 merge(&mut event, &t.event);
                 let mut bytes = event.to_string().into_bytes();
-                let result =
-                    match crate::json::with_parsed(&mut bytes, |v| rule.fires(&Event::new(v))) {
-                        Ok(fired) => {
-                            if fired == t.expect_match {
-                                Ok(())
-                            } else if t.expect_match {
+                let parsed = crate::json::with_parsed(&mut bytes, |v| {
+                    rule.evaluate(&Event::new(v), "test", &[])
+                });
+                let result = match parsed {
+                    Ok(finding) => {
+                        let finding = finding.and_then(|mut f| {
+                            // The test's key facts stand for an enriched finding.
+                            if !t.key_tags.is_empty() || t.key_alias.is_some() {
+                                f.key_tags = t.key_tags.clone();
+                                f.key_alias = t.key_alias.clone();
+                            }
+                            resolve(&mut f).then_some(f)
+                        });
+                        match (&finding, t.expect_match, t.severity) {
+                            (Some(f), true, Some(want)) if f.severity != want => Err(format!(
+                                "expected severity {}, the finding has {}",
+                                want.as_str(),
+                                f.severity.as_str()
+                            )),
+                            (Some(_), true, _) | (None, false, _) => Ok(()),
+                            (None, true, _) => {
                                 Err("expected the rule to fire, it did not".to_string())
-                            } else {
+                            }
+                            (Some(_), false, _) => {
                                 Err("expected no match, but the rule fired".to_string())
                             }
                         }
-                        Err(e) => Err(format!("test event is not valid JSON: {e}")),
-                    };
+                    }
+                    Err(e) => Err(format!("test event is not valid JSON: {e}")),
+                };
                 out.push(TestOutcome {
                     rule: rule.id.clone(),
                     test: t.name.clone(),
@@ -621,11 +855,48 @@ fn compile(raw: RawRule, line: usize) -> Result<Rule, Vec<String>> {
             errs.push(format!("test `{name}`: `event` must be a JSON object"));
             continue;
         }
+        let severity = match t.severity.as_deref().map(str::parse::<Severity>) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                errs.push(format!("test `{name}`: {e}"));
+                continue;
+            }
+        };
         tests.push(RuleTest {
             name,
             expect_match,
             event,
+            key_tags: t.key_tags.clone(),
+            key_alias: t.key_alias.clone(),
+            severity,
         });
+    }
+    let mut escalate = Vec::new();
+    for (i, e) in raw.escalate.iter().enumerate() {
+        let sev = match e.severity.parse::<Severity>() {
+            Ok(s) if s > severity => Some(s),
+            Ok(s) => {
+                errs.push(format!(
+                    "in `escalate[{i}]`: severity \"{}\" is not above the rule's \"{}\": escalate only raises (suppress or another rule lowers)",
+                    s.as_str(),
+                    severity.as_str()
+                ));
+                None
+            }
+            Err(msg) => {
+                errs.push(format!("in `escalate[{i}]`: {msg}"));
+                None
+            }
+        };
+        match Matcher::compile(&e.when) {
+            Ok(when) => {
+                if let Some(severity) = sev {
+                    escalate.push(Escalation { severity, when });
+                }
+            }
+            Err(msg) => errs.push(format!("in `escalate[{i}].when`: {msg}")),
+        }
     }
     if !errs.is_empty() {
         return Err(errs);
@@ -647,6 +918,7 @@ fn compile(raw: RawRule, line: usize) -> Result<Rule, Vec<String>> {
         summary: raw.summary,
         remediation: raw.remediation,
         capture: raw.capture,
+        escalate,
         tests,
     })
 }
@@ -819,5 +1091,148 @@ capture = ["responseElements.grantId", "requestParameters.limit", "requestParame
             &[],
         );
         assert_eq!(s, "Decrypt via evilBcc: x ?");
+    }
+
+    const TAGGED: &str = r#"
+[[rule]]
+id = "key-disabled"
+title = "t"
+severity = "medium"
+description = "d"
+event_names = ["DisableKey", "CreateKey"]
+escalate = [ { severity = "critical", when = { field = "tag:sensitivity", equals = "high" } } ]
+
+[[rule.tests]]
+name = "a sensitive key is critical"
+expect = "match"
+severity = "critical"
+event = {}
+key_tags = { sensitivity = "high" }
+
+[[rule.tests]]
+name = "another key keeps its severity"
+expect = "match"
+severity = "medium"
+event = {}
+key_tags = { sensitivity = "low" }
+
+[[rule]]
+id = "prod-only"
+title = "t"
+severity = "low"
+description = "d"
+event_names = ["Decrypt"]
+match = { any = [ { field = "tag:env", equals = "prod" }, { field = "key:alias", starts_with = "alias/prod-" } ] }
+
+[[rule.tests]]
+name = "prod by tag"
+expect = "match"
+event = {}
+key_tags = { env = "prod" }
+
+[[rule.tests]]
+name = "prod by alias"
+expect = "match"
+event = {}
+key_alias = "alias/prod-payments"
+
+[[rule.tests]]
+name = "not prod, or not known"
+expect = "no-match"
+event = {}
+
+[[suppress]]
+rules = ["key-disabled"]
+reason = "CI disables its dev keys"
+match = { all = [ { field = "userIdentity.sessionContext.sessionIssuer.arn", ends_with = ":role/ci" }, { field = "tag:env", equals = "dev" } ] }
+"#;
+
+    fn eval(rules: &RuleSet, json: &str) -> Vec<Finding> {
+        let mut bytes = json.as_bytes().to_vec();
+        let tape = simd_json::to_tape(&mut bytes).unwrap();
+        let v = crate::json::Value::root(&tape.0).unwrap();
+        let mut out = Vec::new();
+        rules.evaluate(&Event::new(v), "f", &mut out);
+        out
+    }
+
+    #[test]
+    fn key_conditions_escalate_suppress_and_are_decided_after_enrichment() {
+        let rules = RuleSet::parse(TAGGED, "t.toml").unwrap();
+        let failed: Vec<_> = rules
+            .run_tests()
+            .into_iter()
+            .filter(|o| o.result.is_err())
+            .collect();
+        assert!(failed.is_empty(), "{failed:#?}");
+
+        let ci = r#"{"eventSource":"kms.amazonaws.com","eventName":"DisableKey","eventID":"e1","userIdentity":{"sessionContext":{"sessionIssuer":{"arn":"arn:aws:iam::1:role/ci"}}}}"#;
+        let app = ci.replace("role/ci", "role/app");
+        // Undecided until the key's tags are known.
+        let mut f = eval(&rules, ci).remove(0);
+        assert!(!f.pending.is_empty());
+        let mut dev = f.clone();
+        dev.key_tags.insert("env".into(), "dev".into());
+        assert!(!resolve(&mut dev), "the CI role on a dev key is suppressed");
+        f.key_tags.insert("env".into(), "prod".into());
+        f.key_tags.insert("sensitivity".into(), "high".into());
+        assert!(resolve(&mut f));
+        assert_eq!(f.severity, Severity::Critical);
+        assert!(f.pending.is_empty() && resolve(&mut f), "idempotent");
+        // The suppression is for the CI role only: decided false by the event at once.
+        let mut g = eval(&rules, &app).remove(0);
+        g.key_tags.insert("env".into(), "dev".into());
+        assert!(resolve(&mut g));
+        assert_eq!(g.severity, Severity::Medium);
+        // Not enriched: nothing known, no key condition holds.
+        let mut h = eval(&rules, ci).remove(0);
+        assert!(resolve(&mut h));
+        assert_eq!(h.severity, Severity::Medium);
+        // Offline, the event's own tags count (CreateKey with tags).
+        let create = r#"{"eventSource":"kms.amazonaws.com","eventName":"CreateKey","eventID":"e2","requestParameters":{"tags":[{"tagKey":"sensitivity","tagValue":"high"}]}}"#;
+        let mut c = eval(&rules, create).remove(0);
+        assert!(resolve(&mut c));
+        assert_eq!(c.severity, Severity::Critical);
+        // A match on key facts only, undecided: dropped when it does not hold.
+        let dec = r#"{"eventSource":"kms.amazonaws.com","eventName":"Decrypt","eventID":"e3"}"#;
+        let mut all = eval(&rules, dec);
+        resolve_all(&mut all);
+        assert!(all.is_empty());
+    }
+
+    #[test]
+    fn key_condition_mistakes_are_reported() {
+        let bad = TAGGED
+            .replace("severity = \"critical\", when", "severity = \"low\", when")
+            .replace(
+                "field = \"tag:env\", equals = \"dev\"",
+                "field = \"key:arn\", equals = \"dev\"",
+            )
+            .replace(
+                "field = \"tag:env\", equals = \"prod\"",
+                "field = \"tag:\", equals = \"prod\"",
+            );
+        let e = RuleSet::parse(&bad, "t.toml").unwrap_err().to_string();
+        for must in [
+            "rule `key-disabled`: in `escalate[0]`: severity \"low\" is not above the rule's \"medium\"",
+            "the key fields are `key:alias` and `tag:NAME`",
+            "`field = \"tag:\"` needs a tag key",
+        ] {
+            assert!(e.contains(must), "missing {must} in\n{e}");
+        }
+        let wrong = TAGGED.replace(
+            "severity = \"critical\"\nevent = {}",
+            "severity = \"high\"\nevent = {}",
+        );
+        let rules = RuleSet::parse(&wrong, "t.toml").unwrap();
+        let failed: Vec<_> = rules
+            .run_tests()
+            .into_iter()
+            .filter_map(|o| o.result.err())
+            .collect();
+        assert_eq!(
+            failed,
+            vec!["expected severity high, the finding has critical".to_string()]
+        );
     }
 }

@@ -9,6 +9,8 @@
 //! - `seen/<key ARN>` -> `Seen` (last time CloudTrail showed the key, and last crypto use;
 //!   kept apart so a refresh or an invalidation never forgets it)
 //! - `coverage` -> `Coverage` (the span of CloudTrail time the `seen` entries cover)
+//! - `reported/<finding id>` -> time: posture findings the daemon's refresh has reported
+//!   (so the next refresh does not report them again)
 //!
 //! API use per full inventory of a region: `ListKeys` and `ListAliases` once per page, then
 //! per customer-managed key `DescribeKey`, `ListResourceTags`, `GetKeyPolicy`, `ListGrants`
@@ -17,14 +19,20 @@
 //! Every call goes through `retry`: capped exponential backoff with full jitter on
 //! throttling, and is counted in `ApiCalls`.
 //!
+//! Cross-account: keys of an account listed in `[inventory] roles` are read through that
+//! role (STS AssumeRole, `aws::kms_client_as`); `refresh_region` takes the account to
+//! list, `key` picks the role from the key ARN's account.
+//!
 //! Submodules: `api` (the KMS calls, backoff and call counts), `activity` (what CloudTrail
-//! shows about keys: last seen and used, events that invalidate).
+//! shows about keys: last seen and used, events that invalidate), `config` (`[inventory]`).
 
 pub mod activity;
 mod api;
+pub mod config;
 
 pub use activity::{invalidates, Activity, KeyActivity, INVALIDATING_EVENTS, USE_EVENTS};
 pub use api::{retry, ApiCalls, Backoff};
+pub use config::{InventoryConfig, RawInventory};
 
 use crate::analyze::finding::Finding;
 use crate::store::{self, Store, StoreError};
@@ -32,11 +40,14 @@ use api::{list_aliases, list_keys, read_key};
 use aws_config::SdkConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The store tree the inventory lives in.
 pub const TREE: &str = "inventory";
+
+/// Key prefix of the posture findings the daemon reported (value: when).
+pub const REPORTED: &str = "reported/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
@@ -198,7 +209,9 @@ pub struct Inventory {
     store: Store,
     sdk: Option<SdkConfig>,
     opts: InventoryOptions,
-    clients: Mutex<HashMap<String, aws_sdk_kms::Client>>,
+    /// Clients per (account listed in `roles`, or "" for the default credentials; region).
+    clients: tokio::sync::Mutex<HashMap<(String, String), aws_sdk_kms::Client>>,
+    roles: crate::aws::Roles,
     calls: Arc<ApiCalls>,
 }
 
@@ -209,32 +222,55 @@ impl Inventory {
             store,
             sdk,
             opts,
-            clients: Mutex::new(HashMap::new()),
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+            roles: Default::default(),
             calls: Arc::new(ApiCalls::default()),
         }
+    }
+
+    /// Reads the keys of the accounts in `roles` through their role.
+    pub fn with_roles(mut self, roles: crate::aws::Roles) -> Inventory {
+        self.roles = roles;
+        self
+    }
+
+    /// The accounts reached through a role (the default credentials' own account aside).
+    pub fn role_accounts(&self) -> impl Iterator<Item = &str> {
+        self.roles.keys().map(String::as_str)
     }
 
     pub fn calls(&self) -> &ApiCalls {
         &self.calls
     }
 
-    fn client(&self, region: &str) -> Result<aws_sdk_kms::Client, InventoryError> {
+    /// The KMS client for `account`'s keys in `region`: through the account's role when
+    /// `roles` lists it, else with the default credentials.
+    async fn client(
+        &self,
+        account: Option<&str>,
+        region: &str,
+    ) -> Result<aws_sdk_kms::Client, InventoryError> {
         let sdk = self.sdk.as_ref().ok_or(InventoryError::Offline)?;
-        let mut clients = self.clients.lock().map_err(|_| InventoryError::Offline)?;
-        Ok(clients
-            .entry(region.to_string())
-            .or_insert_with(|| {
-                // `retry` is the one retry layer: the SDK's own would hide throttling
-                // from the backoff and from the call counts.
-                let client = crate::aws::kms_client(sdk, Some(region));
-                let conf = client
-                    .config()
-                    .to_builder()
-                    .retry_config(aws_sdk_kms::config::retry::RetryConfig::disabled())
-                    .build();
-                aws_sdk_kms::Client::from_conf(conf)
-            })
-            .clone())
+        let role = account.and_then(|a| self.roles.get_key_value(a));
+        let slot = (
+            role.map(|(a, _)| a.clone()).unwrap_or_default(),
+            region.to_string(),
+        );
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(&slot) {
+            return Ok(c.clone());
+        }
+        // `retry` is the one retry layer: the SDK's own would hide throttling from the
+        // backoff and from the call counts (kms_client_as turns it off).
+        let client = crate::aws::kms_client_as(
+            sdk,
+            region,
+            role.map(|(_, r)| r.as_str()),
+            "kmsguard-inventory",
+        )
+        .await;
+        clients.insert(slot, client.clone());
+        Ok(client)
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
@@ -358,7 +394,7 @@ impl Inventory {
             code: Some("InvalidArn".into()),
             message: format!("`{key_arn}` is not a KMS key ARN"),
         })?;
-        let client = self.client(region)?;
+        let client = self.client(account_of_arn(key_arn), region).await?;
         let mut rec = read_key(
             &client,
             region,
@@ -388,10 +424,15 @@ impl Inventory {
     }
 
     /// Reads every key of `region` (pages of ListKeys and ListAliases, then each key,
-    /// `concurrency` at a time), caching what it reads. Keys that fail are listed in
+    /// `concurrency` at a time), caching what it reads: the keys of `account` through its
+    /// role, or (None) those the default credentials list. Keys that fail are listed in
     /// `failures`; a failure to list at all is an error.
-    pub async fn refresh_region(&self, region: &str) -> Result<RegionInventory, InventoryError> {
-        let client = self.client(region)?;
+    pub async fn refresh_region(
+        &self,
+        account: Option<&str>,
+        region: &str,
+    ) -> Result<RegionInventory, InventoryError> {
+        let client = self.client(account, region).await?;
         let backoff = self.opts.backoff;
         let arns = list_keys(&client, region, &self.calls, &backoff).await?;
         let mut aliases = list_aliases(&client, region, &self.calls, &backoff, None).await?;
@@ -439,6 +480,33 @@ impl Inventory {
             }
         }
         out.keys.sort_by(|a, b| a.arn.cmp(&b.arn));
+        Ok(out)
+    }
+
+    /// Adds the alias and tags of the finding's first key with a cached record, whatever
+    /// its age, without calling the API (the daemon's analyzer). Returns whether it did.
+    pub fn enrich_cached(&self, f: &mut Finding) -> Result<bool, StoreError> {
+        for arn in &f.keys {
+            if region_of_arn(arn).is_none() {
+                continue;
+            }
+            if let Some(rec) = self.cached(arn)? {
+                apply(f, &rec);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Ids of the posture findings already reported by the daemon's scheduled refresh
+    /// (`reported/<id>`; see `posture::news`).
+    pub fn reported(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let tree = self.store.tree(TREE)?;
+        let mut out = std::collections::BTreeSet::new();
+        for kv in tree.scan_prefix(REPORTED) {
+            let (k, _) = kv.map_err(StoreError::from)?;
+            out.insert(String::from_utf8_lossy(&k[REPORTED.len()..]).into_owned());
+        }
         Ok(out)
     }
 
@@ -531,6 +599,12 @@ pub fn region_of_arn(arn: &str) -> Option<&str> {
     (resource.starts_with("key/") && !region.is_empty()).then_some(region)
 }
 
+/// The account field of a KMS key ARN.
+pub fn account_of_arn(arn: &str) -> Option<&str> {
+    region_of_arn(arn)?;
+    arn.split(':').nth(4).filter(|a| !a.is_empty())
+}
+
 /// The key id at the end of a key ARN (the ARN itself when it has no `key/`).
 pub fn key_id_of_arn(arn: &str) -> &str {
     arn.rsplit_once(":key/").map_or(arn, |(_, id)| id)
@@ -585,6 +659,8 @@ mod tests {
     fn arns() {
         let arn = "arn:aws:kms:eu-west-1:111122223333:key/mrk-1234";
         assert_eq!(region_of_arn(arn), Some("eu-west-1"));
+        assert_eq!(account_of_arn(arn), Some("111122223333"));
+        assert_eq!(account_of_arn("arn:aws:kms:eu-west-1::alias/x"), None);
         assert_eq!(key_id_of_arn(arn), "mrk-1234");
         assert_eq!(
             region_of_arn("arn:aws:kms:eu-west-1:111122223333:alias/x"),

@@ -84,7 +84,7 @@ pub struct RemediationConfig {
     pub mode: Mode,
     pub rule_modes: BTreeMap<String, Mode>,
     pub scope: Scope,
-    pub roles: BTreeMap<String, String>,
+    pub roles: crate::aws::Roles,
     pub max_actions_per_hour: u32,
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
@@ -146,18 +146,7 @@ impl RemediationConfig {
                 ));
             }
         }
-        for (a, role) in &raw.roles {
-            if !is_account(a) {
-                problems.push(format!(
-                    "[remediation.roles] \"{a}\": the key must be a 12-digit account id"
-                ));
-            }
-            if !(role.starts_with("arn:") && role.contains(":role/")) {
-                problems.push(format!(
-                    "[remediation.roles] \"{a}\" = \"{role}\": use a role ARN, arn:aws:iam::{a}:role/NAME"
-                ));
-            }
-        }
+        crate::aws::validate_roles("remediation", &raw.roles, problems);
         let max_actions_per_hour = raw.max_actions_per_hour.unwrap_or(10);
         if max_actions_per_hour == 0 {
             problems.push("[remediation] max_actions_per_hour = 0: use at least 1 (or mode = \"off\" to stop acting)".into());

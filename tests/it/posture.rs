@@ -449,11 +449,15 @@ async fn replay_enrich_shows_aliases_and_tags_and_tag_resource_invalidates_the_c
         rich[0]["key_tags"],
         json!({"env": "prod", "sensitivity": "high"})
     );
+    // The shipped rule escalates on the `sensitivity = high` tag once it is known.
+    assert_eq!(plain[0]["severity"], "high");
+    assert_eq!(rich[0]["severity"], "critical");
     // Everything else is as offline.
     let mut stripped = rich[0].clone();
     let o = stripped.as_object_mut().unwrap();
     o.remove("key_alias");
     o.remove("key_tags");
+    o.insert("severity".into(), json!("high"));
     assert_eq!(stripped, plain[0]);
 
     // The key is retagged. The cached record (younger than an hour) still says prod ...
@@ -640,7 +644,7 @@ async fn throttled_calls_back_off_with_jitter_then_succeed_or_give_up() {
     let store = kmsguard::store::Store::temporary().unwrap();
     let inv = Inventory::new(store, Some(sdk_for(&url).await), opts);
     let ri = inv
-        .refresh_region(EAST)
+        .refresh_region(None, EAST)
         .await
         .expect("succeeds after backoff");
     assert!(ri.keys.is_empty());
@@ -656,7 +660,7 @@ async fn throttled_calls_back_off_with_jitter_then_succeed_or_give_up() {
     let store = kmsguard::store::Store::temporary().unwrap();
     let inv = Inventory::new(store, Some(sdk_for(&url).await), opts);
     let started = Instant::now();
-    match inv.refresh_region(EAST).await {
+    match inv.refresh_region(None, EAST).await {
         Err(InventoryError::Api { op, code, .. }) => {
             assert_eq!(op, "ListKeys");
             assert_eq!(code.as_deref(), Some("ThrottlingException"));
@@ -666,4 +670,414 @@ async fn throttled_calls_back_off_with_jitter_then_succeed_or_give_up() {
     assert_eq!(requests.load(Ordering::SeqCst), 5, "max_attempts in all");
     // Four sleeps, each below its cap: 20 + 40 + 80 + 160 ms at most.
     assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// A second account, reached through `[inventory] roles` (moto keeps separate state per
+/// account and maps credentials from STS AssumeRole to the role's account).
+const OTHER: &str = "444455556666";
+
+/// Cross-account inventory: keys made in two accounts; posture with a role for the
+/// second account reports both accounts' keys with the right account, replay --enrich
+/// enriches a finding on the other account's key; without the role, that account's keys
+/// are not seen at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn posture_and_enrich_reach_another_account_through_its_role() {
+    let moto = Moto::start();
+    let sdk = moto.sdk(EAST).await;
+    let own = kmsguard::aws::kms_client(&sdk, None);
+    let role = format!("arn:aws:iam::{OTHER}:role/kmsguard-audit");
+    let other = kmsguard::aws::kms_client_as(&sdk, EAST, Some(&role), "kmsguard-tests-setup").await;
+    let norot = || Spec {
+        rotation: false,
+        ..good()
+    };
+    let own_key = make_key(&own, "alias/own-norot", norot()).await;
+    let other_key = make_key(
+        &other,
+        "alias/other-norot",
+        Spec {
+            tags: vec![("owner", "team-b"), ("sensitivity", "high")],
+            ..norot()
+        },
+    )
+    .await;
+    assert!(own_key.contains(&format!(":{ACCT}:key/")), "{own_key}");
+    assert!(
+        other_key.contains(&format!(":{OTHER}:key/")),
+        "moto made the key in the role's account: {other_key}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kmsguard.toml");
+    let cfg = config.to_str().unwrap();
+    std::fs::write(
+        &config,
+        format!("[posture]\nregions = [\"{EAST}\"]\n[inventory]\nroles = {{ \"{OTHER}\" = \"{role}\" }}\n"),
+    )
+    .unwrap();
+    let (findings, err, code) = kmsguard(&moto, &["posture", "--config", cfg]);
+    assert_eq!(code, 0, "{err}");
+    let accounts: BTreeMap<String, String> = findings
+        .iter()
+        .map(|f| {
+            (
+                strs(&f["keys"]).pop().unwrap(),
+                f["account"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        accounts,
+        BTreeMap::from([
+            (own_key.clone(), ACCT.to_string()),
+            (other_key.clone(), OTHER.to_string())
+        ]),
+        "{err}"
+    );
+    let f = findings
+        .iter()
+        .find(|f| strs(&f["keys"]) == [other_key.clone()])
+        .unwrap();
+    assert_eq!(f["rule"], "kms-posture-rotation-disabled");
+    assert_eq!(
+        f["key_alias"], "alias/other-norot",
+        "aliases of the other account"
+    );
+    assert_eq!(f["key_tags"]["owner"], "team-b");
+    assert!(err.contains("(also through 1 account role(s))"), "{err}");
+
+    // Without the role, the other account's keys are invisible.
+    std::fs::write(&config, format!("[posture]\nregions = [\"{EAST}\"]\n")).unwrap();
+    let (findings, err, code) = kmsguard(&moto, &["posture", "--config", cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        findings
+            .iter()
+            .flat_map(|f| strs(&f["keys"]))
+            .collect::<Vec<_>>(),
+        vec![own_key.clone()]
+    );
+
+    // replay --enrich: an event on the other account's key is enriched through the role.
+    std::fs::write(
+        &config,
+        format!("[inventory]\nroles = {{ \"{OTHER}\" = \"{role}\" }}\n"),
+    )
+    .unwrap();
+    let trail = tempfile::tempdir().unwrap();
+    let file = write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[record(
+            "ScheduleKeyDeletion",
+            &other_key,
+            &ts(-60),
+            json!({"pendingWindowInDays": 7}),
+        )],
+    );
+    let o = run(bin()
+        .envs(moto.env())
+        .args(["replay", "--enrich", "--config", cfg, "--format", "jsonl"])
+        .arg(&file));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let found = jsonl(&stdout(&o));
+    let f = found
+        .iter()
+        .find(|f| f["rule"] == "kms-key-deletion-scheduled")
+        .expect("the deletion finding");
+    assert_eq!(f["key_alias"], "alias/other-norot", "{}", stderr(&o));
+    assert_eq!(f["key_tags"]["sensitivity"], "high");
+}
+
+/// The same record made by another role of the account.
+fn by_role(mut r: Value, role: &str) -> Value {
+    r["userIdentity"]["arn"] = json!(format!("arn:aws:sts::{ACCT}:assumed-role/{role}/s"));
+    r["userIdentity"]["sessionContext"]["sessionIssuer"]["arn"] =
+        json!(format!("arn:aws:iam::{ACCT}:role/{role}"));
+    r["eventID"] = json!(format!("{}-{role}", r["eventID"].as_str().unwrap()));
+    r
+}
+
+/// Rules matching key tags, through the binary against moto: the shipped
+/// `kms-key-deletion-scheduled` escalates to critical on a `sensitivity = high` key once
+/// replay --enrich knows the tags; a `[[suppress]]` on `tag:env = dev` for the CI role
+/// drops the CI role's finding on the dev key and nothing else. Offline (no --enrich)
+/// the tags are unknown: no escalation, no suppression.
+#[tokio::test(flavor = "multi_thread")]
+async fn rules_match_key_tags_after_enrichment() {
+    let moto = Moto::start();
+    let kms = kmsguard::aws::kms_client(&moto.sdk(EAST).await, None);
+    let secret = make_key(
+        &kms,
+        "alias/secrets",
+        Spec {
+            tags: vec![("sensitivity", "high"), ("env", "prod")],
+            ..good()
+        },
+    )
+    .await;
+    let dev = make_key(
+        &kms,
+        "alias/dev-scratch",
+        Spec {
+            tags: vec![("sensitivity", "low"), ("env", "dev")],
+            ..good()
+        },
+    )
+    .await;
+    let trail = tempfile::tempdir().unwrap();
+    let t = ts(-300);
+    let file = write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[
+            record(
+                "ScheduleKeyDeletion",
+                &secret,
+                &t,
+                json!({"pendingWindowInDays": 7}),
+            ),
+            by_role(record("DisableKey", &dev, &t, json!({})), "ci"),
+            record("DisableKey", &dev, &t, json!({})),
+            by_role(record("DisableKey", &secret, &t, json!({})), "ci"),
+        ],
+    );
+    let rules = trail.path().join("suppress.toml");
+    std::fs::write(
+        &rules,
+        "[[suppress]]\nrules = [\"kms-key-disabled\"]\nreason = \"CI disables its dev keys\"\nmatch = { all = [\n  { field = \"userIdentity.sessionContext.sessionIssuer.arn\", ends_with = \":role/ci\" },\n  { field = \"tag:env\", equals = \"dev\" },\n] }\n",
+    )
+    .unwrap();
+    // (rule, key, role) -> severity
+    let summary = |found: &[Value]| -> BTreeSet<(String, String, String, String)> {
+        found
+            .iter()
+            .filter(|f| f["kind"] == "rule")
+            .map(|f| {
+                (
+                    f["rule"].as_str().unwrap().to_string(),
+                    strs(&f["keys"]).pop().unwrap(),
+                    f["principal_role"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .rsplit('/')
+                        .next()
+                        .unwrap()
+                        .to_string(),
+                    f["severity"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let row = |r: &str, k: &str, role: &str, s: &str| {
+        (
+            r.to_string(),
+            k.to_string(),
+            role.to_string(),
+            s.to_string(),
+        )
+    };
+    let o = run(bin()
+        .envs(moto.env())
+        .args(["replay", "--enrich", "--no-baselines", "--format", "jsonl"])
+        .arg("--extra-rules")
+        .arg(&rules)
+        .arg(&file));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        summary(&jsonl(&stdout(&o))),
+        BTreeSet::from([
+            row("kms-key-deletion-scheduled", &secret, "ops", "critical"),
+            row("kms-key-disabled", &dev, "ops", "high"),
+            row("kms-key-disabled", &secret, "ci", "critical"),
+        ]),
+        "{}",
+        stderr(&o)
+    );
+    // Offline: what the events say, which is no tags: nothing escalated or suppressed.
+    let o = run(bin()
+        .args(["replay", "--no-baselines", "--format", "jsonl"])
+        .arg("--extra-rules")
+        .arg(&rules)
+        .arg(&file));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        summary(&jsonl(&stdout(&o))),
+        BTreeSet::from([
+            row("kms-key-deletion-scheduled", &secret, "ops", "high"),
+            row("kms-key-disabled", &dev, "ci", "high"),
+            row("kms-key-disabled", &dev, "ops", "high"),
+            row("kms-key-disabled", &secret, "ci", "high"),
+        ])
+    );
+}
+
+/// Lines of the daemon's JSON log whose message is `msg`.
+fn log_lines(log: &Path, msg: &str) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["message"] == msg)
+        .collect()
+}
+
+/// `[inventory] refresh` in the daemon: against moto, a key whose rotation is disabled
+/// through the SDK while the daemon runs is reported by the next refresh through the
+/// file sink, exactly once over the following refreshes; a CloudTrail file processed
+/// meanwhile still gets through, with its key's alias and tags from the inventory's
+/// cache, and escalated by the shipped rule for a `sensitivity = high` key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
+    use crate::daemon::{sigterm, sink, wait_exit, Trail};
+    let trail = Trail::new().await;
+    let kms = kmsguard::aws::kms_client(&trail.moto.sdk(EAST).await, None);
+    let key = make_key(
+        &kms,
+        "alias/ledger",
+        Spec {
+            tags: vec![("owner", "team-a"), ("sensitivity", "high")],
+            ..good()
+        },
+    )
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let cfg = trail.config(
+        work.path(),
+        "\n[inventory]\nrefresh = \"2s\"\n\n[posture]\nrequired_tags = [\"owner\"]\n",
+    );
+    let log = work.path().join("daemon.log");
+    let mut daemon = trail.start(&cfg, &log);
+    let refreshes = || log_lines(&log, "inventory refreshed");
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("a first refresh", &|| !refreshes().is_empty());
+    let first = refreshes().remove(0);
+    assert_eq!(first["keys"], 1, "{first}");
+    assert_eq!(first["new"], 0, "a good key: {first}");
+    let posture = |rule: &str| -> Vec<Value> {
+        sink(work.path())
+            .into_iter()
+            .filter(|f| f["kind"] == "posture" && f["rule"] == rule)
+            .collect()
+    };
+    assert!(posture("kms-posture-rotation-disabled").is_empty());
+
+    kms.disable_key_rotation()
+        .key_id(id(&key))
+        .send()
+        .await
+        .expect("disable rotation");
+    let seen = refreshes().len();
+    wait_for("the posture finding in the sink", &|| {
+        !posture("kms-posture-rotation-disabled").is_empty()
+    });
+    // Two more refreshes see the same problem: nothing new reaches the sink.
+    wait_for("two more refreshes", &|| refreshes().len() >= seen + 3);
+    let found = posture("kms-posture-rotation-disabled");
+    assert_eq!(found.len(), 1, "exactly once: {found:?}");
+    assert_eq!(strs(&found[0]["keys"]), std::slice::from_ref(&key));
+    assert_eq!(found[0]["key_alias"], "alias/ledger");
+    let news: Vec<i64> = refreshes()
+        .iter()
+        .map(|r| r["new"].as_i64().unwrap())
+        .collect();
+    assert_eq!(news.iter().sum::<i64>(), 1, "refreshes: {news:?}");
+
+    // Event processing goes on, and rule findings carry the cached alias and tags.
+    let event = json!({"Records": [record("DisableKey", &key, &ts(-60), json!({}))]});
+    trail
+        .put(
+            format!("AWSLogs/{ACCT}/CloudTrail/{EAST}/2026/11/29/{ACCT}_CloudTrail_{EAST}_20261129T0000Z_x.json"),
+            event.to_string().into_bytes(),
+        )
+        .await;
+    wait_for("the rule finding", &|| {
+        sink(work.path())
+            .iter()
+            .any(|f| f["rule"] == "kms-key-disabled")
+    });
+    let f = sink(work.path())
+        .into_iter()
+        .find(|f| f["rule"] == "kms-key-disabled")
+        .unwrap();
+    assert_eq!(f["key_alias"], "alias/ledger", "{f}");
+    assert_eq!(f["key_tags"]["sensitivity"], "high");
+    assert_eq!(f["severity"], "critical", "escalated by the key's tag");
+
+    sigterm(&daemon);
+    let (code, _) = wait_exit(&mut daemon, Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+}
+
+/// `kms-posture-unused-key` through the binary: keys 200 days old (moto stamps their
+/// creation date back), a CloudTrail history recorded by `replay --state` that reaches
+/// back 40 days with a DescribeKey (not a use) on the idle key and a Decrypt two days
+/// ago on the busy one. With `unused_days = 30`, only the idle key is reported; before
+/// any history is recorded, the check is not evaluated at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn posture_reports_unused_keys_from_recorded_cloudtrail_history() {
+    let moto = Moto::start_with(&[("KMSGUARD_MOTO_KEY_AGE_SECS", &(200 * 86_400).to_string())]);
+    let kms = kmsguard::aws::kms_client(&moto.sdk(EAST).await, None);
+    let idle = make_key(&kms, "alias/idle", good()).await;
+    let busy = make_key(&kms, "alias/busy", good()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kmsguard.toml");
+    std::fs::write(&config, "[posture]\nunused_days = 30\n").unwrap();
+    let (cfg, st) = (
+        config.to_str().unwrap(),
+        dir.path().join("state").to_str().unwrap().to_string(),
+    );
+    let posture_run = || {
+        kmsguard(
+            &moto,
+            &["posture", "--config", cfg, "--state", &st, "--region", EAST],
+        )
+    };
+
+    let (findings, err, code) = posture_run();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        findings.is_empty(),
+        "no history, not evaluated: {findings:?}"
+    );
+    assert!(err.contains("no CloudTrail history in the state"), "{err}");
+
+    let trail = tempfile::tempdir().unwrap();
+    write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[
+            record("DescribeKey", &idle, &ts(-40 * 86_400), json!({})),
+            record("Decrypt", &busy, &ts(-2 * 86_400), json!({})),
+        ],
+    );
+    let (_, err, code) = replay_jsonl(&[trail.path()], &["--state", &st]);
+    assert_eq!(code, 0, "{err}");
+    let (findings, err, code) = posture_run();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        by_key(&findings),
+        BTreeMap::from([(idle.clone(), set(&["kms-posture-unused-key"]))]),
+        "{err}"
+    );
+    let f = &findings[0];
+    assert_eq!(f["severity"], "low");
+    assert!(
+        f["summary"]
+            .as_str()
+            .unwrap()
+            .contains("last use: never seen"),
+        "{f}"
+    );
+    assert!(!strs(&f["keys"]).contains(&busy));
 }

@@ -158,10 +158,17 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
+        Moto::start_with(&[])
+    }
+
+    /// A moto server with extra environment (see tests/servers/moto_launcher.py, e.g.
+    /// `KMSGUARD_MOTO_KEY_AGE_SECS`).
+    pub fn start_with(env: &[(&str, &str)]) -> Moto {
         let port = free_port();
         let child = Command::new(python())
             .arg(repo().join("tests/servers/moto_launcher.py"))
             .arg(port.to_string())
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

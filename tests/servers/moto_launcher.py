@@ -7,8 +7,13 @@ multi-Region key ids are "mrk-" + a 36-character UUID (40 bytes), so they are tr
 and Decrypt under mrk- keys fails. We widen the header to 40 bytes before the server starts.
 The ordinary 36-character key ids are then NUL-padded to 40 in the header, so reading it
 back strips the padding (without that, Decrypt under a non-mrk key fails with
-AccessDeniedException). Everything else is stock moto.
+AccessDeniedException).
+
+With KMSGUARD_MOTO_KEY_AGE_SECS=N in the environment, KMS stamps keys it creates N seconds
+in the past (CreationDate), so tests can have keys older than a posture period without
+waiting; nothing else moves. Everything else is stock moto.
 """
+import os
 import sys
 
 import moto.kms.utils as kms_utils
@@ -28,6 +33,18 @@ def _deserialize_unpadded(ciphertext_blob):
 
 
 kms_utils._deserialize_ciphertext_blob = _deserialize_unpadded
+
+_age = float(os.environ.get("KMSGUARD_MOTO_KEY_AGE_SECS", "0") or 0)
+if _age:
+    import moto.kms.models as kms_models
+
+    _unix_time = kms_models.unix_time
+
+    def _aged_unix_time(dt=None):
+        # Only "now" (CreationDate, RotationDate) is moved; explicit dates are not.
+        return _unix_time(dt) if dt is not None else _unix_time() - _age
+
+    kms_models.unix_time = _aged_unix_time
 
 from moto.server import main  # noqa: E402  (after the patch, on purpose)
 

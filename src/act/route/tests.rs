@@ -35,6 +35,7 @@ fn finding(rule: &str, sev: Severity, principal: &str, key: &str, time: &str) ->
         key_tags: Default::default(),
         context: Default::default(),
         action: None,
+        pending: Default::default(),
     }
 }
 
