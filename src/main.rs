@@ -112,6 +112,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         timeline: args.report.is_some(),
         s3: inputs.s3.clone(),
         lookup: inputs.lookup.clone(),
+        key_events: args.remediate,
     };
     let store = match &args.state {
         Some(dir) => Store::open(dir)?,
@@ -155,7 +156,8 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     }
     if args.remediate {
         if let Some(cfg) = args.config.as_deref() {
-            replay_remediate(cfg, &store, &mut outcome.findings, args.quiet)?;
+            let key_events = std::mem::take(&mut outcome.key_events);
+            replay_remediate(cfg, &store, &key_events, &mut outcome.findings, args.quiet)?;
         }
     }
 
@@ -407,10 +409,20 @@ fn remediation_section(
 fn replay_remediate(
     config: &std::path::Path,
     store: &Store,
+    key_events: &[kmsguard::remediate::history::KeyEvent],
     findings: &mut Vec<Finding>,
     quiet: bool,
 ) -> Result<()> {
     let (cfg, aws) = remediation_section(config)?;
+    // The replay's key events first: a later revert or confirmation in the replayed
+    // files settles a finding, and their closed policies are snapshots to restore.
+    let tree = store.tree(kmsguard::remediate::TREE)?;
+    store
+        .commit(&kmsguard::store::Commit {
+            state: kmsguard::remediate::history::writes(&tree, key_events),
+            ..Default::default()
+        })
+        .context("cannot record the replay's key events in the state store")?;
     let rt = runtime()?;
     let sdk = rt.block_on(kmsguard::aws::sdk_config(&aws));
     let max_age = cfg.max_event_age_secs as i64;
