@@ -721,16 +721,24 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
     assert_eq!(state(&kms, &late).await, "Disabled");
 
     // ... and so does the hour's budget: with a 1 s cooldown (counted from when the
-    // breaker opened, now over), the breaker is closed and the rate limit says no.
+    // breaker opened, now over), the breaker is closed and the rate limit says no. Shown
+    // by `replay --remediate` on the daemon's state directory (a third daemon start
+    // would wait out the visibility timeout: moto hands the next message to the stopped
+    // daemon's pending long poll).
     trail.config(work.path(), &config_text("breaker_cooldown_secs = 1\n"));
-    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
-    trail
-        .put(object_key("after-restart-2"), late_file("ev-late-2"))
-        .await;
-    let f = wait_remediation(work.path(), "ev-late-2").await;
-    assert_eq!(metric(port, "kmsguard_remediation_breaker_open"), 0.0);
-    sigterm(&daemon);
-    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+    let dir = work.path().join("replay");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("late.json.gz"), late_file("ev-late-2")).unwrap();
+    let o = run(bin()
+        .args(["replay", "--format", "jsonl", "--remediate", "--config"])
+        .arg(&cfg)
+        .arg("--state")
+        .arg(work.path().join("state"))
+        .arg(&dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = jsonl(&stdout(&o));
+    let f = remediation_for(&out, "ev-late-2").unwrap();
     assert_eq!(f["action"]["outcome"], "skipped", "{f}");
     assert!(
         f["action"]["reason"]
@@ -1113,7 +1121,7 @@ async fn remediation_honours_later_events_and_restores_policies_seen_in_events()
         )
         .await;
     let took_e = until!("ev-e-del", state(&kms, &e).await == "Enabled");
-    let took_d = until!("ev-d-pub", !policy(&kms, &d).await.contains(r#""AWS":"*""#));
+    let _ = until!("ev-d-pub", !policy(&kms, &d).await.contains(r#""AWS":"*""#));
     for id in ["ev-a-del", "ev-b-dis", "ev-c-del", "ev-d-pub", "ev-e-del"] {
         wait_remediation(work.path(), id).await;
     }
@@ -1169,9 +1177,8 @@ async fn remediation_honours_later_events_and_restores_policies_seen_in_events()
     assert_eq!(er["action"]["outcome"], "performed", "{er}");
     assert_eq!(state(&kms, &e).await, "Enabled");
     eprintln!(
-        "remediation with confirm_grace_secs = 3: upload -> key back: ev-e-del {} ms, ev-d-pub {} ms",
-        took_e.as_millis(),
-        took_d.as_millis()
+        "remediation with confirm_grace_secs = 3: upload (SQS message) -> key back: ev-e-del {} ms",
+        took_e.as_millis()
     );
 
     // replay --remediate honours the same later events, in the replayed files.
