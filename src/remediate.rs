@@ -1,9 +1,11 @@
 //! Automatic remediation through the KMS API: from a finding whose rule carries a
 //! remediation hint, a `Plan` (which `Action` on which key, in which mode), then its
-//! execution: read the key's state first, skip with a reason when it is already fine or
-//! out of scope, respect the per-account rate limit and the circuit breaker, call KMS
-//! (retried with capped backoff), read the state again, and report every planned,
-//! performed, skipped and failed action as a `kind: "remediation"` finding.
+//! execution: skip with a reason when a later event recorded for the key settled the
+//! change (`history`), read the key's state, skip when it is already fine or out of
+//! scope, respect the per-account rate limit and the circuit breaker (`guard`, both
+//! persisted), call KMS (retried with capped backoff), read the state again, and report
+//! every planned, performed, skipped and failed action as a `kind: "remediation"`
+//! finding (`report`).
 //!
 //! Safety is layered: `[remediation] mode` (off | dry-run | enforce, default dry-run) and
 //! a per-rule mode; a scope (accounts, then optionally a tag or listed key ARNs) checked

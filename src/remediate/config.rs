@@ -1,6 +1,7 @@
 //! The `[remediation]` section of the daemon's config: `RawRemediation` as written
 //! (unknown keys rejected) and `RemediationConfig`, validated with problems that name the
-//! key and the fix. Modes, scope, roles per account, rate limit, breaker, retries, age.
+//! key and the fix. Modes, scope, roles per account, rate limit, breaker, retries, age,
+//! and confirmation by later events (tag, principals, grace).
 
 use crate::inventory::{self, Backoff};
 use serde::Deserialize;

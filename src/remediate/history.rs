@@ -74,10 +74,13 @@ pub struct PolicySnapshot {
 
 /// The `KeyEvent` of one decoded event, when it is one that matters.
 pub fn observe(ev: &Event<'_>) -> Option<KeyEvent> {
-    if ev.event_source() != Some(KMS_SOURCE) || ev.error_code().is_some() {
+    if ev.event_source() != Some(KMS_SOURCE) {
         return None;
     }
     let name = ev.event_name().filter(|n| KEPT.contains(n))?;
+    if ev.error_code().is_some() {
+        return None;
+    }
     let key = ev.key_arns().into_iter().next()?;
     let request = |field: &str| ev.str(&["requestParameters", field]);
     let mut k = KeyEvent {
