@@ -155,11 +155,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             )))
         }))
         .chain(cfg.remediation.iter().map(|r| {
-            Sink::Remediate(Arc::new(crate::remediate::Engine::new(
-                r.clone(),
-                sdk.clone(),
-                Some(store.clone()),
-            )))
+            Sink::Remediate(Arc::new(
+                crate::remediate::Engine::new(r.clone(), sdk.clone(), Some(store.clone()))
+                    .with_metrics(metrics.clone()),
+            ))
         }))
         .collect();
     // Alert channels: one sink routes findings into the alert queue, one task per
@@ -215,12 +214,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     // The analyzer: a plain thread, the only writer of baselines and commits. It must
     // not hold `Shared` (which owns the job sender), or the job channel would never close.
     let analyzer = {
+        let remediation = match &cfg.remediation {
+            Some(_) => Some(store.tree(crate::remediate::TREE)?),
+            None => None,
+        };
         let shared = Committer {
             inventory: crate::inventory::Inventory::new(store.clone(), None, Default::default()),
             store: store.clone(),
             metrics: metrics.clone(),
             sinks: sinks.clone(),
             outbox: shared.outbox.clone(),
+            remediation,
         };
         let det = Detector::new(cfg.baseline.clone());
         std::thread::Builder::new()
@@ -890,6 +894,9 @@ struct Committer {
     metrics: Arc<Metrics>,
     sinks: Arc<Vec<Sink>>,
     outbox: Arc<Notify>,
+    /// The remediation tree, when remediation is on: each input's key events are
+    /// recorded there (`remediate::history`) in its commit.
+    remediation: Option<sled::Tree>,
 }
 
 fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Detector) {
@@ -949,6 +956,14 @@ fn analyze_job(
     // One outbox entry per (sink, finding), ordered by a growing sequence number.
     let outbox = outbox::entries_for(&shared.store, &shared.sinks, &findings)?;
     let entries: Vec<String> = key.into_iter().chain(alias).collect();
+    // What later events say about pending remediations lands with the findings, so the
+    // remediation sink, which runs after this commit, sees the whole file.
+    let mut state = state;
+    if let (Some(tree), Some(a)) = (&shared.remediation, &analysis) {
+        if !a.key_events.is_empty() {
+            state.extend(crate::remediate::history::writes(tree, &a.key_events));
+        }
+    }
     let commit = Commit {
         ledger: if failed { Vec::new() } else { entries.clone() },
         failed: if failed { entries } else { Vec::new() },

@@ -114,6 +114,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         lookup: inputs.lookup.clone(),
         // Key conditions of rules are decided after enrichment, with the inventory's facts.
         defer_key_conditions: args.enrich,
+        key_events: args.remediate,
     };
     let store = match &args.state {
         Some(dir) => Store::open(dir)?,
@@ -164,7 +165,8 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     }
     if args.remediate {
         if let Some(cfg) = args.config.as_deref() {
-            replay_remediate(cfg, &store, &mut outcome.findings, args.quiet)?;
+            let key_events = std::mem::take(&mut outcome.key_events);
+            replay_remediate(cfg, &store, &key_events, &mut outcome.findings, args.quiet)?;
         }
     }
 
@@ -416,10 +418,20 @@ fn remediation_section(
 fn replay_remediate(
     config: &std::path::Path,
     store: &Store,
+    key_events: &[kmsguard::remediate::history::KeyEvent],
     findings: &mut Vec<Finding>,
     quiet: bool,
 ) -> Result<()> {
     let (cfg, aws) = remediation_section(config)?;
+    // The replay's key events first: a later revert or confirmation in the replayed
+    // files settles a finding, and their closed policies are snapshots to restore.
+    let tree = store.tree(kmsguard::remediate::TREE)?;
+    store
+        .commit(&kmsguard::store::Commit {
+            state: kmsguard::remediate::history::writes(&tree, key_events),
+            ..Default::default()
+        })
+        .context("cannot record the replay's key events in the state store")?;
     let rt = runtime()?;
     let sdk = rt.block_on(kmsguard::aws::sdk_config(&aws));
     let max_age = cfg.max_event_age_secs as i64;

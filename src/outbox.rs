@@ -145,13 +145,18 @@ impl Sink {
             Sink::Alerts(a) => a.deliver(batch, std::time::SystemTime::now()),
             // Never an error: a failed remediation is reported as a finding, and
             // retrying the batch would act twice (the engine reads state first anyway).
+            // A finding waits `confirm_grace_secs` first (later events may settle it);
+            // the batch is in commit order, so the waiting ones are a suffix.
             Sink::Remediate(engine) => {
                 let mut follow_ups = Vec::new();
-                for f in batch {
+                // Every finding's wait starts when the sink first sees it.
+                let due: Vec<bool> = batch.iter().map(|f| engine.due(f)).collect();
+                let accepted = due.iter().take_while(|d| **d).count();
+                for f in &batch[..accepted] {
                     follow_ups.extend(engine.handle(f).await);
                 }
                 Ok(Delivery {
-                    accepted: batch.len(),
+                    accepted,
                     follow_ups,
                     ..Delivery::default()
                 })

@@ -8,6 +8,7 @@ use crate::analyze::finding::Finding;
 use crate::analyze::rule::RuleSet;
 use crate::decode::{DecodeLimits, Decoder, FileReport};
 use crate::inventory::activity::Activity;
+use crate::remediate::history::{self, KeyEvent};
 use crate::source::lookup_events::LookupReader;
 use crate::source::s3::S3Reader;
 use crate::source::LogInput;
@@ -40,6 +41,8 @@ pub struct ReplayOptions {
     /// (`analyze::rule::resolve_all`); by default they are decided at the end of the
     /// replay with what the events say about their keys.
     pub defer_key_conditions: bool,
+    /// Collect the key events remediation looks at (`remediate::history`), in input order.
+    pub key_events: bool,
 }
 
 impl Default for ReplayOptions {
@@ -54,6 +57,7 @@ impl Default for ReplayOptions {
             s3: None,
             lookup: None,
             defer_key_conditions: false,
+            key_events: false,
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct ReplayOutcome {
     pub activity: Option<Activity>,
     /// KMS activity per hour and per (principal, key), when `timeline` was set.
     pub timeline: Option<Timeline>,
+    /// The key events of every input in input order, when `key_events` was set.
+    pub key_events: Vec<KeyEvent>,
 }
 
 /// Hands out file indexes to workers, at most `window` ahead of the collector, so
@@ -173,6 +179,9 @@ pub struct Analysis {
     pub report: FileReport,
     pub findings: Vec<Finding>,
     pub observations: Vec<Observation>,
+    /// Events that can settle a pending remediation, and closed key policies, in file
+    /// order (`remediate::history`).
+    pub key_events: Vec<KeyEvent>,
 }
 
 /// Decodes one input with `decode` (a `Decoder` method) and runs the rules on every
@@ -202,10 +211,12 @@ pub fn analyze_streaming(
 ) -> Analysis {
     let mut findings = Vec::new();
     let mut observations = Vec::new();
+    let mut key_events = Vec::new();
     let file: std::sync::Arc<str> = name.into();
     let mut offered_at = OBSERVATION_CHUNK;
     let report = decode(&mut |ev| {
         rules.evaluate(ev, name, &mut findings);
+        key_events.extend(history::observe(ev));
         if with_baselines {
             observations.extend(baseline::observe(ev, &file));
             if observations.len() >= offered_at {
@@ -219,10 +230,17 @@ pub fn analyze_streaming(
         report,
         findings,
         observations,
+        key_events,
     }
 }
 
-type WorkerResult = (usize, FileReport, Vec<Finding>, Vec<Observation>);
+type WorkerResult = (
+    usize,
+    FileReport,
+    Vec<Finding>,
+    Vec<Observation>,
+    Vec<KeyEvent>,
+);
 
 /// What workers send the collector: a file's observations in advance (only for the file
 /// the collector is waiting for, so they are used at once), then the file's result.
@@ -258,6 +276,7 @@ pub fn replay(
     let mut failure: Option<StoreError> = None;
     let mut activity = None;
     let mut timeline = None;
+    let mut key_events = Vec::new();
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel::<WorkerMsg>(jobs * 4);
         let track = opts.track_activity;
@@ -334,7 +353,17 @@ pub fn replay(
                             }
                         });
                     if tx
-                        .send(WorkerMsg::Done((i, a.report, a.findings, a.observations)))
+                        .send(WorkerMsg::Done((
+                            i,
+                            a.report,
+                            a.findings,
+                            a.observations,
+                            if opts.key_events {
+                                a.key_events
+                            } else {
+                                Vec::new()
+                            },
+                        )))
                         .is_err()
                     {
                         break;
@@ -392,7 +421,8 @@ pub fn replay(
                     }
                 }
             }
-            while let Some((i, report, found, mut observed)) = pending.remove(&needed) {
+            while let Some((i, report, found, mut observed, mut keyed)) = pending.remove(&needed) {
+                key_events.append(&mut keyed);
                 // Chunks are used as they arrive; any still here precede the rest.
                 if let Some(list) = chunks.remove(&i) {
                     let mut early: Vec<Observation> = list.into_iter().flatten().collect();
@@ -498,6 +528,7 @@ pub fn replay(
         stats,
         activity,
         timeline,
+        key_events,
     })
 }
 

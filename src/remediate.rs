@@ -1,9 +1,11 @@
 //! Automatic remediation through the KMS API: from a finding whose rule carries a
 //! remediation hint, a `Plan` (which `Action` on which key, in which mode), then its
-//! execution: read the key's state first, skip with a reason when it is already fine or
-//! out of scope, respect the per-account rate limit and the circuit breaker, call KMS
-//! (retried with capped backoff), read the state again, and report every planned,
-//! performed, skipped and failed action as a `kind: "remediation"` finding.
+//! execution: skip with a reason when a later event recorded for the key settled the
+//! change (`history`), read the key's state, skip when it is already fine or out of
+//! scope, respect the per-account rate limit and the circuit breaker (`guard`, both
+//! persisted), call KMS (retried with capped backoff), read the state again, and report
+//! every planned, performed, skipped and failed action as a `kind: "remediation"`
+//! finding (`report`).
 //!
 //! Safety is layered: `[remediation] mode` (off | dry-run | enforce, default dry-run) and
 //! a per-rule mode; a scope (accounts, then optionally a tag or listed key ARNs) checked
@@ -13,7 +15,7 @@
 //! it only with `--remediate`, for events newer than `max_event_age_secs`.
 
 use crate::analyze::finding::{
-    finding_id, ActionOutcome, ActionReport, ApiCallReport, Finding, Kind, Severity,
+    ActionOutcome, ActionReport, ApiCallReport, Finding, Kind, Severity,
 };
 use crate::analyze::predicates::policy_text_is_open;
 use crate::inventory::{self, format_time, now_secs, parse_time, Inventory};
@@ -21,14 +23,19 @@ use crate::store::Store;
 use aws_config::SdkConfig;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::operation::RequestId;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 mod config;
+mod guard;
+pub mod history;
+mod report;
 
 pub use config::{Mode, RawRemediation, RemediationConfig, Scope};
+pub use report::find_in_jsonl;
+use report::remediation_finding;
 
 /// Why no plan could be made for a finding.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,76 +156,23 @@ pub fn plan(cfg: &RemediationConfig, f: &Finding, now: i64) -> Result<Plan, Plan
     })
 }
 
-/// Actions taken per account in the last hour.
-#[derive(Debug, Default)]
-struct RateLimiter {
-    taken: HashMap<String, VecDeque<i64>>,
-}
-
-impl RateLimiter {
-    /// Takes a slot for `account` at `now` if fewer than `max` were taken in the hour.
-    fn take(&mut self, account: &str, now: i64, max: u32) -> bool {
-        let q = self.taken.entry(account.to_string()).or_default();
-        while q.front().is_some_and(|t| *t <= now - 3600) {
-            q.pop_front();
-        }
-        if q.len() >= max as usize {
-            return false;
-        }
-        q.push_back(now);
-        true
-    }
-}
-
-/// Stops acting after `limit` consecutive failed actions, for a cooldown.
-#[derive(Debug, Default)]
-struct Breaker {
-    consecutive: u32,
-    open_until: Option<Instant>,
-}
-
-impl Breaker {
-    fn is_open(&mut self, now: Instant) -> bool {
-        match self.open_until {
-            Some(t) if now < t => true,
-            Some(_) => {
-                self.open_until = None;
-                self.consecutive = 0;
-                false
-            }
-            None => false,
-        }
-    }
-
-    /// Records an outcome; true when this failure opened the breaker.
-    fn record(&mut self, failed: bool, limit: u32, cooldown: Duration, now: Instant) -> bool {
-        if !failed {
-            self.consecutive = 0;
-            return false;
-        }
-        self.consecutive += 1;
-        if self.consecutive >= limit && self.open_until.is_none() {
-            self.open_until = Some(now + cooldown);
-            return true;
-        }
-        false
-    }
-}
-
 /// Runs plans against KMS. Shared by the daemon's sink, replay and `kmsguard remediate`.
 pub struct Engine {
     cfg: RemediationConfig,
     sdk: SdkConfig,
     inventory: Option<Inventory>,
     clients: tokio::sync::Mutex<HashMap<(String, String), aws_sdk_kms::Client>>,
-    limiter: Mutex<RateLimiter>,
-    breaker: Mutex<Breaker>,
-    /// The store tree `remediation` (`rate/<account>` -> JSON list of action times), so
-    /// the hourly limit holds across restarts; None without a store.
-    rate_tree: Option<sled::Tree>,
+    /// Rate limit and circuit breaker, kept in the store tree `remediation`.
+    guards: guard::Guards,
+    /// The store tree `remediation`: also the key events and policy snapshots
+    /// (`history`); None without a store.
+    tree: Option<sled::Tree>,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// When the daemon's sink first saw each waiting finding (for `confirm_grace`).
+    first_seen: Mutex<HashMap<String, Instant>>,
 }
 
-/// The store tree that keeps the rate limiter's action times.
+/// The store tree of remediation: rate limit, breaker, key events, policy snapshots.
 pub const TREE: &str = "remediation";
 
 /// What the reads say about a key.
@@ -232,41 +186,41 @@ impl Engine {
     /// An engine; `store` gives the key inventory's cached records (known-good policy,
     /// rotation period, state before a deletion was scheduled).
     pub fn new(cfg: RemediationConfig, sdk: SdkConfig, store: Option<Store>) -> Engine {
-        let rate_tree = store.as_ref().and_then(|s| s.tree(TREE).ok());
-        // Actions taken before a restart still count against the hour.
-        let mut limiter = RateLimiter::default();
-        if let Some(tree) = &rate_tree {
-            for (k, v) in tree.scan_prefix("rate/").flatten() {
-                let key = String::from_utf8_lossy(&k);
-                let account = key.trim_start_matches("rate/").to_string();
-                if let Ok(times) = serde_json::from_slice::<VecDeque<i64>>(&v) {
-                    limiter.taken.insert(account, times);
-                }
-            }
-        }
+        let tree = store.as_ref().and_then(|s| s.tree(TREE).ok());
         Engine {
             cfg,
             inventory: store.map(|s| Inventory::new(s, None, Default::default())),
             sdk,
             clients: tokio::sync::Mutex::new(HashMap::new()),
-            limiter: Mutex::new(limiter),
-            breaker: Mutex::new(Breaker::default()),
-            rate_tree,
+            // Actions taken and a breaker opened before a restart still count.
+            guards: guard::Guards::load(tree.clone()),
+            tree,
+            metrics: None,
+            first_seen: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Takes a rate-limit slot for `account` (and records it in the store).
-    fn take_slot(&self, account: &str) -> bool {
-        let mut l = self.limiter.lock().unwrap_or_else(|e| e.into_inner());
-        if !l.take(account, now_secs(), self.cfg.max_actions_per_hour) {
-            return false;
+    /// Counts outcomes and the breaker's state in the daemon's metrics.
+    pub fn with_metrics(mut self, m: Arc<crate::telemetry::Metrics>) -> Engine {
+        m.remediation_enabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(until) = self.guards.breaker_until(self.cfg.breaker_cooldown) {
+            m.remediation_breaker_until
+                .store(until, std::sync::atomic::Ordering::Relaxed);
         }
-        if let (Some(tree), Some(times)) = (&self.rate_tree, l.taken.get(account)) {
-            if let Err(e) = tree.insert(format!("rate/{account}"), crate::store::encode(times)) {
-                tracing::warn!(error = %e, account, "cannot record the remediation in the store; the rate limit holds until a restart");
-            }
+        self.metrics = Some(m);
+        self
+    }
+
+    /// Whether a finding has waited `confirm_grace` since the daemon's sink first saw it
+    /// (later events may settle it meanwhile); the wait starts again after a restart.
+    pub fn due(&self, f: &Finding) -> bool {
+        if self.cfg.confirm_grace.is_zero() || !self.accepts(f) {
+            return true;
         }
-        true
+        let mut seen = self.first_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let first = *seen.entry(f.id.clone()).or_insert_with(Instant::now);
+        first.elapsed() >= self.cfg.confirm_grace
     }
 
     pub fn config(&self) -> &RemediationConfig {
@@ -335,6 +289,18 @@ impl Engine {
 
     /// `handle`, with the mode forced (e.g. dry-run for `kmsguard remediate --dry-run`).
     pub async fn handle_with_mode(&self, f: &Finding, force: Option<Mode>) -> Vec<Finding> {
+        let out = self.run(f, force).await;
+        self.first_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&f.id);
+        if let (Some(m), Some(a)) = (&self.metrics, out.first().and_then(|r| r.action.as_ref())) {
+            m.remediation(&a.action, a.outcome.as_str());
+        }
+        out
+    }
+
+    async fn run(&self, f: &Finding, force: Option<Mode>) -> Vec<Finding> {
         let hint = f.remediation.clone().unwrap_or_default();
         let mut report = ActionReport {
             trigger: f.id.clone(),
@@ -360,6 +326,12 @@ impl Engine {
             p.mode = m;
         }
         let mut out = Vec::new();
+        // A later event (a revert, the confirmation tag, the same change again) settles
+        // it before anything is read or called.
+        if let Some(reason) = self.settled(f, &p, &mut report) {
+            report.reason = Some(reason);
+            return vec![remediation_finding(f, report)];
+        }
         let outcome = self.execute(&p, &mut report).await;
         let failed = outcome == ActionOutcome::Failed;
         report.outcome = outcome;
@@ -368,16 +340,16 @@ impl Engine {
         let counted = matches!(outcome, ActionOutcome::Failed | ActionOutcome::Performed);
         if p.mode == Mode::Enforce && counted {
             let opened = self
-                .breaker
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(
-                    failed,
-                    self.cfg.breaker_failures,
-                    self.cfg.breaker_cooldown,
-                    Instant::now(),
-                );
+                .guards
+                .record(failed, self.cfg.breaker_failures, now_secs());
             if opened {
+                if let (Some(m), Some(until)) = (
+                    &self.metrics,
+                    self.guards.breaker_until(self.cfg.breaker_cooldown),
+                ) {
+                    m.remediation_breaker_until
+                        .store(until, std::sync::atomic::Ordering::Relaxed);
+                }
                 out.push(crate::daemon::health(
                     "health-remediation-breaker",
                     Severity::High,
@@ -395,6 +367,27 @@ impl Engine {
         }
         out.insert(0, remediation_finding(f, report));
         out
+    }
+
+    /// The skip reason when a later event recorded for the key settles the plan (see
+    /// `history::resolution`); the event is named in `before` too.
+    fn settled(&self, f: &Finding, p: &Plan, report: &mut ActionReport) -> Option<String> {
+        let tree = self.tree.as_ref()?;
+        let trigger = f.event_ids.first()?;
+        let events = history::load(tree, &p.key_arn);
+        let (how, e) = history::resolution(&self.cfg, &p.action, trigger, &f.time, &events)?;
+        report
+            .before
+            .insert("later_event".into(), e.event_id.clone());
+        report
+            .before
+            .insert("later_event_name".into(), e.event_name.clone());
+        if let Some(who) = &e.principal {
+            report
+                .before
+                .insert("later_event_principal".into(), who.clone());
+        }
+        Some(how.reason(e, &self.cfg))
     }
 
     /// Reads, decides, and in enforce mode acts; fills `report`.
@@ -517,10 +510,24 @@ impl Engine {
                 if before.get("policy_open").map(String::as_str) == Some("false") {
                     return skip(report, "already fine: the current policy allows neither anyone nor another account".into());
                 }
-                let known = cached
+                // The newest closed policy seen: the inventory's (read through the API)
+                // or one from a PutKeyPolicy/CreateKey event.
+                let closed = |pol: &String| policy_text_is_open(pol, &p.account) == Some(false);
+                let from_api = cached
                     .as_ref()
-                    .and_then(|r| r.policy.clone().map(|pol| (pol, format!("inventory snapshot of {}", r.refreshed_at))))
-                    .filter(|(pol, _)| policy_text_is_open(pol, &p.account) == Some(false));
+                    .and_then(|r| r.policy.clone().map(|pol| (r.refreshed_at.clone(), pol, format!("inventory snapshot of {}", r.refreshed_at))))
+                    .filter(|(_, pol, _)| closed(pol));
+                let from_event = self
+                    .tree
+                    .as_ref()
+                    .and_then(|t| history::snapshot(t, &p.key_arn))
+                    .map(|s| (s.time.clone(), s.policy, format!("event snapshot: {} {} at {}", s.event_name, s.event_id, s.time)))
+                    .filter(|(_, pol, _)| closed(pol));
+                let known = match (from_api, from_event) {
+                    (Some(a), Some(e)) => Some(if e.0 > a.0 { e } else { a }),
+                    (a, e) => a.or(e),
+                }
+                .map(|(_, pol, source)| (pol, source));
                 let safe = self
                     .cfg
                     .safe_policy
@@ -528,7 +535,7 @@ impl Engine {
                     .map(|t| (t.replace("{account}", &p.account), "[remediation] safe_policy_file".to_string()))
                     .filter(|(pol, _)| policy_text_is_open(pol, &p.account) == Some(false));
                 let Some((policy, source)) = known.or(safe) else {
-                    return skip(report, "no known-good policy: the inventory has no closed policy of this key and no [remediation] safe_policy_file is set".into());
+                    return skip(report, "no known-good policy: neither the inventory nor a PutKeyPolicy/CreateKey event gave a closed policy of this key, and no [remediation] safe_policy_file is set".into());
                 };
                 report.before.insert("restore_from".into(), source);
                 calls.push(change_call("PutKeyPolicy", key, &[("policyName", "default"), ("bypassPolicyLockoutSafetyCheck", "false")]));
@@ -542,10 +549,8 @@ impl Engine {
             return ActionOutcome::Planned;
         }
         if self
-            .breaker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_open(Instant::now())
+            .guards
+            .breaker_open(now_secs(), self.cfg.breaker_cooldown)
         {
             report.calls = calls;
             return skip(
@@ -553,7 +558,10 @@ impl Engine {
                 "circuit breaker open after repeated failures (see the health finding)".into(),
             );
         }
-        if !self.take_slot(&p.account) {
+        if !self
+            .guards
+            .take_slot(&p.account, now_secs(), self.cfg.max_actions_per_hour)
+        {
             report.calls = calls;
             return skip(
                 report,
@@ -770,99 +778,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// The `kind: "remediation"` finding for a report about trigger `f`.
-fn remediation_finding(f: &Finding, report: ActionReport) -> Finding {
-    let severity = match report.outcome {
-        ActionOutcome::Planned => Severity::Info,
-        ActionOutcome::Skipped => Severity::Low,
-        ActionOutcome::Performed => Severity::Medium,
-        ActionOutcome::Failed => Severity::High,
-    };
-    let outcome = match report.outcome {
-        ActionOutcome::Planned => "planned",
-        ActionOutcome::Performed => "performed",
-        ActionOutcome::Skipped => "skipped",
-        ActionOutcome::Failed => "failed",
-    };
-    let key = f.keys.first().map_or("no key", String::as_str);
-    let calls: Vec<&str> = report.calls.iter().map(|c| c.operation.as_str()).collect();
-    let summary = format!(
-        "{outcome} {} on {key} for {} ({}){}",
-        report.action,
-        f.rule,
-        if calls.is_empty() {
-            "no calls".to_string()
-        } else {
-            calls.join(" + ")
-        },
-        report
-            .reason
-            .as_deref()
-            .map(|r| format!(": {r}"))
-            .unwrap_or_default()
-    );
-    let rule = format!(
-        "remediation-{}",
-        if report.action.is_empty() {
-            "none"
-        } else {
-            &report.action
-        }
-    );
-    Finding {
-        id: finding_id(&rule, std::slice::from_ref(&f.id)),
-        kind: Kind::Remediation,
-        rule,
-        severity,
-        title: format!("Automatic remediation {outcome}"),
-        summary: crate::analyze::rule::clean(&summary, 600).collect(),
-        event_ids: f.event_ids.clone(),
-        event_name: f.event_name.clone(),
-        event_source: f.event_source.clone(),
-        time: format_time(now_secs()),
-        principal: f.principal.clone(),
-        principal_role: f.principal_role.clone(),
-        account: f.account.clone(),
-        region: f.region.clone(),
-        keys: f.keys.clone(),
-        source_ip: f.source_ip.clone(),
-        user_agent: f.user_agent.clone(),
-        error_code: None,
-        file: f.file.clone(),
-        remediation: None,
-        key_alias: f.key_alias.clone(),
-        key_tags: f.key_tags.clone(),
-        context: BTreeMap::from([("trigger".to_string(), f.id.clone())]),
-        action: Some(report),
-        pending: Default::default(),
-    }
-}
-
-/// Finds the newest finding with `id` in JSON Lines files (the daemon's file sinks).
-pub fn find_in_jsonl(paths: &[std::path::PathBuf], id: &str) -> std::io::Result<Option<Finding>> {
-    use std::io::BufRead;
-    let mut found = None;
-    for p in paths {
-        let file = match std::fs::File::open(p) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line?;
-            if !line.contains(id) {
-                continue;
-            }
-            if let Ok(f) = serde_json::from_str::<Finding>(&line) {
-                if f.id == id {
-                    found = Some(f);
-                }
-            }
-        }
-    }
-    Ok(found)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -940,31 +855,5 @@ mod tests {
                 grant_id: "abc".into()
             }
         );
-    }
-
-    #[test]
-    fn rate_limit_is_per_account_per_rolling_hour() {
-        let mut l = RateLimiter::default();
-        assert!(l.take("a", 1000, 2));
-        assert!(l.take("a", 1001, 2));
-        assert!(!l.take("a", 1002, 2));
-        assert!(l.take("b", 1002, 2), "another account has its own budget");
-        assert!(l.take("a", 1000 + 3600, 2), "the oldest slot expired");
-    }
-
-    #[test]
-    fn breaker_opens_after_consecutive_failures_and_closes_after_cooldown() {
-        let mut b = Breaker::default();
-        let t = Instant::now();
-        let cd = Duration::from_secs(10);
-        assert!(!b.record(true, 2, cd, t));
-        assert!(!b.record(false, 2, cd, t), "a success resets the count");
-        assert!(!b.record(true, 2, cd, t));
-        assert!(
-            b.record(true, 2, cd, t),
-            "second consecutive failure opens it"
-        );
-        assert!(b.is_open(t + Duration::from_secs(1)));
-        assert!(!b.is_open(t + Duration::from_secs(11)));
     }
 }

@@ -47,6 +47,12 @@ pub struct Metrics {
     findings: Mutex<BTreeMap<(String, String), u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
     alerts: Mutex<BTreeMap<String, AlertStats>>,
+    /// Remediation actions by (action, outcome); remediation metrics are shown once
+    /// `remediation_enabled` is set.
+    remediations: Mutex<BTreeMap<(String, String), u64>>,
+    pub remediation_enabled: std::sync::atomic::AtomicBool,
+    /// Unix seconds until which the remediation circuit breaker is open (0: never was).
+    pub remediation_breaker_until: AtomicI64,
 }
 
 /// Counters and gauges of one alert channel.
@@ -95,6 +101,13 @@ impl Metrics {
     pub fn alert(&self, channel: &str, f: impl FnOnce(&mut AlertStats)) {
         let mut m = self.alerts.lock().unwrap_or_else(|e| e.into_inner());
         f(m.entry(channel.to_string()).or_default());
+    }
+
+    /// Counts one remediation action by its hint and outcome.
+    pub fn remediation(&self, action: &str, outcome: &str) {
+        let mut m = self.remediations.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((action.to_string(), outcome.to_string()))
+            .or_default() += 1;
     }
 
     pub fn beat(&self) {
@@ -284,6 +297,21 @@ impl Metrics {
         ];
         for (name, help, v) in gauges {
             out.push_str(&format!("# HELP kmsguard_{name} {help}\n# TYPE kmsguard_{name} gauge\nkmsguard_{name} {v}\n"));
+        }
+        if self.remediation_enabled.load(Ordering::Relaxed) {
+            out.push_str("# HELP kmsguard_remediation_actions_total Remediation actions by action and outcome (planned, performed, skipped, failed).\n# TYPE kmsguard_remediation_actions_total counter\n");
+            for ((action, outcome), n) in self
+                .remediations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                out.push_str(&format!(
+                    "kmsguard_remediation_actions_total{{action=\"{action}\",outcome=\"{outcome}\"}} {n}\n"
+                ));
+            }
+            let open = i64::from(now < self.remediation_breaker_until.load(Ordering::Relaxed));
+            out.push_str(&format!("# HELP kmsguard_remediation_breaker_open 1 while the remediation circuit breaker stops actions.\n# TYPE kmsguard_remediation_breaker_open gauge\nkmsguard_remediation_breaker_open {open}\n"));
         }
         out
     }

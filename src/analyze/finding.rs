@@ -140,6 +140,17 @@ pub enum ActionOutcome {
     Failed,
 }
 
+impl ActionOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionOutcome::Planned => "planned",
+            ActionOutcome::Performed => "performed",
+            ActionOutcome::Skipped => "skipped",
+            ActionOutcome::Failed => "failed",
+        }
+    }
+}
+
 /// One KMS (or STS) call a remediation made or would make.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiCallReport {

@@ -1,6 +1,7 @@
 //! The `[remediation]` section of the daemon's config: `RawRemediation` as written
 //! (unknown keys rejected) and `RemediationConfig`, validated with problems that name the
-//! key and the fix. Modes, scope, roles per account, rate limit, breaker, retries, age.
+//! key and the fix. Modes, scope, roles per account, rate limit, breaker, retries, age,
+//! and confirmation by later events (tag, principals, grace).
 
 use crate::inventory::{self, Backoff};
 use serde::Deserialize;
@@ -41,6 +42,14 @@ pub struct RawRemediation {
     /// A key policy to restore when no known-good one was observed; `{account}` is
     /// replaced by the key's account.
     pub safe_policy_file: Option<std::path::PathBuf>,
+    /// The tag whose setting (TagResource, after the change) confirms a change so it is
+    /// not remediated (default `kmsguard:confirmed`; `""` turns confirmation off).
+    pub confirm_tag: Option<String>,
+    /// Only these principals (ARNs of the caller or its role) may confirm; empty: anyone.
+    #[serde(default)]
+    pub confirm_principals: Vec<String>,
+    /// How long the daemon holds an action back for later events, seconds (default 0).
+    pub confirm_grace_secs: Option<u64>,
 }
 
 /// Whether and how remediation acts.
@@ -91,6 +100,10 @@ pub struct RemediationConfig {
     pub backoff: Backoff,
     pub max_event_age_secs: u64,
     pub safe_policy: Option<String>,
+    /// None: confirmation by tag is off.
+    pub confirm_tag: Option<String>,
+    pub confirm_principals: Vec<String>,
+    pub confirm_grace: Duration,
 }
 
 fn is_account(s: &str) -> bool {
@@ -179,6 +192,20 @@ impl RemediationConfig {
                         None
                     }
                 });
+        let confirm_grace_secs = raw.confirm_grace_secs.unwrap_or(0);
+        if confirm_grace_secs > 3600 {
+            problems.push(format!("[remediation] confirm_grace_secs = {confirm_grace_secs}: use at most 3600 (an hour); every action waits this long"));
+        }
+        for p in &raw.confirm_principals {
+            if !(p.starts_with("arn:")
+                && (p.contains(":role/")
+                    || p.contains(":user/")
+                    || p.contains(":assumed-role/")
+                    || p.ends_with(":root")))
+            {
+                problems.push(format!("[remediation] confirm_principals: \"{p}\" is not an IAM principal ARN (arn:aws:iam::ACCOUNT:role/NAME, ...:user/NAME or an assumed-role session ARN)"));
+            }
+        }
         RemediationConfig {
             mode,
             rule_modes,
@@ -198,6 +225,13 @@ impl RemediationConfig {
             },
             max_event_age_secs: raw.max_event_age_secs.unwrap_or(86_400),
             safe_policy,
+            confirm_tag: match raw.confirm_tag.as_deref() {
+                None => Some("kmsguard:confirmed".to_string()),
+                Some("") => None,
+                Some(t) => Some(t.to_string()),
+            },
+            confirm_principals: raw.confirm_principals.clone(),
+            confirm_grace: Duration::from_secs(confirm_grace_secs),
         }
     }
 
@@ -224,7 +258,7 @@ pub(super) mod tests {
 
     #[test]
     fn config_problems_name_the_key_and_the_fix() {
-        let e = cfg("mode = \"yolo\"\nrequire_tag = \"notag\"\nmax_actions_per_hour = 0\n[rules]\nkms-key-disabled = \"maybe\"\n[roles]\n\"123\" = \"role\"\n")
+        let e = cfg("mode = \"yolo\"\nconfirm_grace_secs = 7200\nconfirm_principals = [\"alice\"]\nrequire_tag = \"notag\"\nmax_actions_per_hour = 0\n[rules]\nkms-key-disabled = \"maybe\"\n[roles]\n\"123\" = \"role\"\n")
             .unwrap_err()
             .join("\n");
         for must in [
@@ -234,6 +268,8 @@ pub(super) mod tests {
             "require_tag = \"notag\": use KEY=VALUE",
             "max_actions_per_hour = 0",
             "[remediation.roles] \"123\": the key must be a 12-digit account id",
+            "confirm_grace_secs = 7200: use at most 3600",
+            "confirm_principals: \"alice\" is not an IAM principal ARN",
         ] {
             assert!(e.contains(must), "missing {must} in\n{e}");
         }

@@ -89,7 +89,7 @@ fn config(
     )
 }
 
-fn get(port: u16, path: &str) -> Option<String> {
+pub fn get(port: u16, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     std::io::Write::write_all(
         &mut s,
@@ -102,7 +102,7 @@ fn get(port: u16, path: &str) -> Option<String> {
 }
 
 /// The value of metric line `name` (with labels), or 0.
-fn metric(port: u16, name: &str) -> f64 {
+pub fn metric(port: u16, name: &str) -> f64 {
     get(port, "/metrics")
         .unwrap_or_default()
         .lines()

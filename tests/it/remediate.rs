@@ -4,6 +4,7 @@
 //! state (checked with DescribeKey, GetKeyRotationStatus, ListGrants, GetKeyPolicy).
 
 use crate::daemon::{sigterm, sink, wait_exit, Trail};
+use crate::daemon_alerts::{get, metric};
 use crate::support::*;
 use aws_sdk_kms::types::GrantOperation;
 use serde_json::{json, Value};
@@ -454,14 +455,15 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
     let trail = Trail::new().await;
     let kms = kms(&trail).await;
     let work = tempfile::tempdir().unwrap();
+    let port = free_port();
     // Dry-run by default; DisableKey enforced with a budget of 2 actions an hour; one
-    // failed action opens the breaker.
-    let cfg = trail.config(
-        work.path(),
-        &format!(
-            "files_in_flight = 1\n\n[remediation]\naccounts = [\"{ACCOUNT}\"]\nmax_actions_per_hour = 2\nbreaker_failures = 1\nretries = 2\nretry_base_ms = 20\n\n[remediation.rules]\nkms-key-disabled = \"enforce\"\n"
-        ),
-    );
+    // failed action opens the breaker (for the default 900 s).
+    let config_text = |cooldown: &str| {
+        format!(
+            "files_in_flight = 1\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[remediation]\naccounts = [\"{ACCOUNT}\"]\nmax_actions_per_hour = 2\nbreaker_failures = 1\nretries = 2\nretry_base_ms = 20\n{cooldown}\n[remediation.rules]\nkms-key-disabled = \"enforce\"\n"
+        )
+    };
+    let cfg = trail.config(work.path(), &config_text(""));
     let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
     let (del, del_arn) = key(&kms, false).await;
     kms.schedule_key_deletion()
@@ -626,7 +628,29 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
         "{health}"
     );
 
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The metrics count every outcome and show the open breaker.
+    let t0 = Instant::now();
+    let want = [
+        (r#"{action="enable-key",outcome="performed"}"#, 2.0),
+        (r#"{action="enable-key",outcome="skipped"}"#, 2.0),
+        (r#"{action="enable-key",outcome="failed"}"#, 1.0),
+        (r#"{action="cancel-key-deletion",outcome="planned"}"#, 1.0),
+    ];
+    let counts = || {
+        want.iter()
+            .map(|(l, _)| metric(port, &format!("kmsguard_remediation_actions_total{l}")))
+            .collect::<Vec<f64>>()
+    };
+    while counts() != want.iter().map(|w| w.1).collect::<Vec<_>>() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "remediation metrics: {:?}\n{}",
+            counts(),
+            get(port, "/metrics").unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(port, "kmsguard_remediation_breaker_open"), 1.0);
     sigterm(&daemon);
     assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
 
@@ -665,26 +689,56 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
         stderr(&o)
     );
 
-    // The hour's budget survives a restart (kept in the state store).
-    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+    // The open breaker survives a restart (kept in the state store) ...
     let (late, late_arn) = key(&kms, false).await;
     kms.disable_key().key_id(&late).send().await.unwrap();
+    let late_file = |id: &str| {
+        gz_file(&[record(
+            id,
+            &now_iso(),
+            "DisableKey",
+            &late_arn,
+            json!({"keyId": late}),
+            Value::Null,
+        )])
+    };
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
     trail
-        .put(
-            object_key("after-restart"),
-            gz_file(&[record(
-                "ev-late",
-                &now_iso(),
-                "DisableKey",
-                &late_arn,
-                json!({"keyId": late}),
-                Value::Null,
-            )]),
-        )
+        .put(object_key("after-restart"), late_file("ev-late"))
         .await;
     let f = wait_remediation(work.path(), "ev-late").await;
+    assert_eq!(metric(port, "kmsguard_remediation_breaker_open"), 1.0);
     sigterm(&daemon);
     assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+    assert_eq!(f["action"]["outcome"], "skipped", "{f}");
+    assert!(
+        f["action"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("circuit breaker open"),
+        "{f}"
+    );
+    assert_eq!(state(&kms, &late).await, "Disabled");
+
+    // ... and so does the hour's budget: with a 1 s cooldown (counted from when the
+    // breaker opened, now over), the breaker is closed and the rate limit says no. Shown
+    // by `replay --remediate` on the daemon's state directory (a third daemon start
+    // would wait out the visibility timeout: moto hands the next message to the stopped
+    // daemon's pending long poll).
+    trail.config(work.path(), &config_text("breaker_cooldown_secs = 1\n"));
+    let dir = work.path().join("replay");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("late.json.gz"), late_file("ev-late-2")).unwrap();
+    let o = run(bin()
+        .args(["replay", "--format", "jsonl", "--remediate", "--config"])
+        .arg(&cfg)
+        .arg("--state")
+        .arg(work.path().join("state"))
+        .arg(&dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = jsonl(&stdout(&o));
+    let f = remediation_for(&out, "ev-late-2").unwrap();
     assert_eq!(f["action"]["outcome"], "skipped", "{f}");
     assert!(
         f["action"]["reason"]
@@ -917,4 +971,270 @@ async fn remediation_uses_the_inventory_snapshot_of_policy_and_state() {
         "Disabled",
         "deletion cancelled; a key disabled before stays disabled"
     );
+}
+
+/// A TagResource record setting `kmsguard:confirmed`.
+fn confirm_record(event_id: &str, time: &str, key_id: &str, key_arn: &str) -> Value {
+    record(
+        event_id,
+        time,
+        "TagResource",
+        key_arn,
+        json!({"keyId": key_id, "tags": [{"tagKey": "kmsguard:confirmed", "tagValue": "CHG-1234"}]}),
+        Value::Null,
+    )
+}
+
+async fn confirm_tag(kms: &aws_sdk_kms::Client, id: &str) {
+    kms.tag_resource()
+        .key_id(id)
+        .tags(
+            aws_sdk_kms::types::Tag::builder()
+                .tag_key("kmsguard:confirmed")
+                .tag_value("CHG-1234")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn put_policy(kms: &aws_sdk_kms::Client, id: &str, text: &str) {
+    kms.put_key_policy()
+        .key_id(id)
+        .policy_name("default")
+        .policy(text)
+        .send()
+        .await
+        .unwrap();
+}
+
+fn policy_record(event_id: &str, time: &str, key_id: &str, key_arn: &str, text: &str) -> Value {
+    record(
+        event_id,
+        time,
+        "PutKeyPolicy",
+        key_arn,
+        json!({"keyId": key_id, "policyName": "default", "policy": text, "bypassPolicyLockoutSafetyCheck": false}),
+        Value::Null,
+    )
+}
+
+fn deletion_record(event_id: &str, time: &str, key_id: &str, key_arn: &str) -> Value {
+    record(
+        event_id,
+        time,
+        "ScheduleKeyDeletion",
+        key_arn,
+        json!({"keyId": key_id, "pendingWindowInDays": 7}),
+        json!({"keyId": key_arn, "deletionDate": iso_in_days(7), "keyState": "PendingDeletion", "pendingWindowInDays": 7}),
+    )
+}
+
+fn assert_skipped_for(f: &Value, reason: &str, later: &str) {
+    let a = &f["action"];
+    assert_eq!(a["outcome"], "skipped", "{f}");
+    assert!(
+        a["reason"].as_str().unwrap().starts_with(reason),
+        "{reason}: {f}"
+    );
+    assert_eq!(a["before"]["later_event"], later, "{f}");
+    assert!(
+        a["reads"].as_array().is_none_or(Vec::is_empty)
+            && a["calls"].as_array().is_none_or(Vec::is_empty),
+        "settled before any call: {f}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_honours_later_events_and_restores_policies_seen_in_events() {
+    let trail = Trail::new().await;
+    let kms = kms(&trail).await;
+    let work = tempfile::tempdir().unwrap();
+    // No inventory and no safe_policy_file: a policy to restore can only come from the
+    // events. Every action waits 3 s for later events.
+    let cfg = trail.config(
+        work.path(),
+        &format!("files_in_flight = 2\n\n[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\nconfirm_grace_secs = 3\n"),
+    );
+    let o = run(bin().args(["check-config"]).arg(&cfg));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let mut daemon = trail.start(&cfg, &work.path().join("daemon.log"));
+
+    // The changes, made for real: a deletion confirmed with the tag (a), a disable a
+    // person reverted (b), a deletion confirmed in a later file (c), a good then a public
+    // policy (d), and a deletion nobody settles (e).
+    let (a, a_arn) = key(&kms, false).await;
+    let (b, b_arn) = key(&kms, false).await;
+    let (c, c_arn) = key(&kms, false).await;
+    let (d, d_arn) = key(&kms, false).await;
+    let (e, e_arn) = key(&kms, false).await;
+    for k in [&a, &c, &e] {
+        kms.schedule_key_deletion()
+            .key_id(k)
+            .pending_window_in_days(7)
+            .send()
+            .await
+            .unwrap();
+    }
+    confirm_tag(&kms, &a).await;
+    confirm_tag(&kms, &c).await;
+    kms.disable_key().key_id(&b).send().await.unwrap();
+    kms.enable_key().key_id(&b).send().await.unwrap();
+    put_policy(&kms, &d, GOOD_POLICY).await;
+    put_policy(&kms, &d, PUBLIC_POLICY).await;
+
+    let now = kmsguard::inventory::now_secs();
+    let t = kmsguard::inventory::format_time(now);
+    let later = kmsguard::inventory::format_time(now + 1);
+    let first = gz_file(&[
+        deletion_record("ev-a-del", &t, &a, &a_arn),
+        confirm_record("ev-a-tag", &t, &a, &a_arn),
+        record(
+            "ev-b-dis",
+            &t,
+            "DisableKey",
+            &b_arn,
+            json!({"keyId": b}),
+            Value::Null,
+        ),
+        record(
+            "ev-b-en",
+            &t,
+            "EnableKey",
+            &b_arn,
+            json!({"keyId": b}),
+            Value::Null,
+        ),
+        deletion_record("ev-c-del", &t, &c, &c_arn),
+        policy_record("ev-d-good", &t, &d, &d_arn, GOOD_POLICY),
+        policy_record("ev-d-pub", &t, &d, &d_arn, PUBLIC_POLICY),
+        deletion_record("ev-e-del", &t, &e, &e_arn),
+    ]);
+    let t0 = Instant::now();
+    trail.put(object_key("first"), first).await;
+    trail
+        .put(
+            object_key("second"),
+            gz_file(&[confirm_record("ev-c-tag", &later, &c, &c_arn)]),
+        )
+        .await;
+    let took_e = until!("ev-e-del", state(&kms, &e).await == "Enabled");
+    let _ = until!("ev-d-pub", !policy(&kms, &d).await.contains(r#""AWS":"*""#));
+    for id in ["ev-a-del", "ev-b-dis", "ev-c-del", "ev-d-pub", "ev-e-del"] {
+        wait_remediation(work.path(), id).await;
+    }
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+    assert!(
+        took_e >= Duration::from_secs(3) && t0.elapsed() >= Duration::from_secs(3),
+        "confirm_grace_secs = 3 held the action back: {took_e:?}"
+    );
+
+    let findings = sink(work.path());
+    let rem = |id: &str| remediation_for(&findings, id).unwrap().clone();
+    assert_skipped_for(
+        &rem("ev-a-del"),
+        "confirmed: later event ev-a-tag",
+        "ev-a-tag",
+    );
+    assert_eq!(
+        state(&kms, &a).await,
+        "PendingDeletion",
+        "a confirmed deletion stays"
+    );
+    assert_skipped_for(
+        &rem("ev-b-dis"),
+        "already reverted: later event ev-b-en",
+        "ev-b-en",
+    );
+    assert_eq!(state(&kms, &b).await, "Enabled");
+    assert_skipped_for(
+        &rem("ev-c-del"),
+        "confirmed: later event ev-c-tag",
+        "ev-c-tag",
+    );
+    assert_eq!(
+        state(&kms, &c).await,
+        "PendingDeletion",
+        "confirmed in the next file, within the grace"
+    );
+    let dr = rem("ev-d-pub");
+    assert_eq!(dr["action"]["outcome"], "performed", "{dr}");
+    assert_eq!(
+        dr["action"]["before"]["restore_from"],
+        format!("event snapshot: PutKeyPolicy ev-d-good at {t}"),
+        "{dr}"
+    );
+    assert_eq!(dr["action"]["after"]["policy_open"], "false", "{dr}");
+    assert_eq!(
+        policy(&kms, &d).await,
+        GOOD_POLICY,
+        "the policy seen in the earlier event is back"
+    );
+    let er = rem("ev-e-del");
+    assert_eq!(er["action"]["outcome"], "performed", "{er}");
+    assert_eq!(state(&kms, &e).await, "Enabled");
+    eprintln!(
+        "remediation with confirm_grace_secs = 3: upload (SQS message) -> key back: ev-e-del {} ms",
+        took_e.as_millis()
+    );
+
+    // replay --remediate honours the same later events, in the replayed files.
+    let (f, f_arn) = key(&kms, false).await;
+    let (g, g_arn) = key(&kms, false).await;
+    kms.disable_key().key_id(&f).send().await.unwrap();
+    confirm_tag(&kms, &f).await;
+    put_policy(&kms, &g, GOOD_POLICY).await;
+    put_policy(&kms, &g, PUBLIC_POLICY).await;
+    let dir = work.path().join("replay");
+    std::fs::create_dir_all(&dir).unwrap();
+    let t = now_iso();
+    std::fs::write(
+        dir.join("f.json.gz"),
+        gz_file(&[
+            record(
+                "ev-f-dis",
+                &t,
+                "DisableKey",
+                &f_arn,
+                json!({"keyId": f}),
+                Value::Null,
+            ),
+            confirm_record("ev-f-tag", &t, &f, &f_arn),
+            policy_record("ev-g-good", &t, &g, &g_arn, GOOD_POLICY),
+            policy_record("ev-g-pub", &t, &g, &g_arn, PUBLIC_POLICY),
+        ]),
+    )
+    .unwrap();
+    let rcfg = work.path().join("replay.toml");
+    std::fs::write(
+        &rcfg,
+        format!("[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\n"),
+    )
+    .unwrap();
+    let o = run(bin()
+        .args([
+            "replay",
+            "--format",
+            "jsonl",
+            "--no-baselines",
+            "--remediate",
+            "--config",
+        ])
+        .arg(&rcfg)
+        .arg(&dir)
+        .envs(trail.moto.env()));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = jsonl(&stdout(&o));
+    assert_skipped_for(
+        remediation_for(&out, "ev-f-dis").unwrap(),
+        "confirmed: later event ev-f-tag",
+        "ev-f-tag",
+    );
+    assert_eq!(state(&kms, &f).await, "Disabled");
+    let gr = remediation_for(&out, "ev-g-pub").unwrap();
+    assert_eq!(gr["action"]["outcome"], "performed", "{gr}");
+    assert_eq!(policy(&kms, &g).await, GOOD_POLICY);
 }
