@@ -178,6 +178,14 @@ pub const TREE: &str = "remediation";
 /// What the reads say about a key.
 type State = BTreeMap<String, String>;
 
+/// What was known of a key before the triggering event, each fact with its source.
+struct Prior {
+    /// The key state (`Enabled`, `Disabled`, ...).
+    state: Option<(String, String)>,
+    /// The automatic rotation period in days.
+    rotation_period: Option<(i32, String)>,
+}
+
 /// A failed call: the error text for the report.
 #[derive(Debug)]
 struct CallFailed(String);
@@ -332,7 +340,7 @@ impl Engine {
             report.reason = Some(reason);
             return vec![remediation_finding(f, report)];
         }
-        let outcome = self.execute(&p, &mut report).await;
+        let outcome = self.execute(f, &p, &mut report).await;
         let failed = outcome == ActionOutcome::Failed;
         report.outcome = outcome;
         // Enforce-mode actions that ran count for the breaker: a failure (of the reads
@@ -391,7 +399,7 @@ impl Engine {
     }
 
     /// Reads, decides, and in enforce mode acts; fills `report`.
-    async fn execute(&self, p: &Plan, report: &mut ActionReport) -> ActionOutcome {
+    async fn execute(&self, f: &Finding, p: &Plan, report: &mut ActionReport) -> ActionOutcome {
         let started = Instant::now();
         let client = self.client(&p.account, &p.region).await;
         // The key id, not the ARN: key ids are unique, the client is in the key's account
@@ -412,7 +420,14 @@ impl Engine {
         // Read first: what the key is now.
         let before = match self.read_state(&client, p, &mut report.reads).await {
             Ok(s) => s,
-            Err(e) => return fail(report, format!("cannot read the key's state: {}", e.0)),
+            Err(e) => {
+                let how = report
+                    .reads
+                    .last()
+                    .map(|r| format!(" ({} failed after {} attempt(s))", r.operation, r.attempts))
+                    .unwrap_or_default();
+                return fail(report, format!("cannot read the key's state{how}: {}", e.0));
+            }
         };
         report.before.extend(before.clone());
         if before.get("key_manager").map(String::as_str) == Some("AWS") {
@@ -459,6 +474,7 @@ impl Engine {
             .as_ref()
             .and_then(|i| i.cached(&p.key_arn).ok().flatten());
         let state = before.get("key_state").cloned().unwrap_or_default();
+        let prior = self.prior(f, p, cached.as_ref());
 
         // Decide the calls.
         let mut calls: Vec<ApiCallReport> = Vec::new();
@@ -469,14 +485,15 @@ impl Engine {
                     return skip(report, format!("already fine: the key is {state}, not pending deletion"));
                 }
                 calls.push(change_call("CancelKeyDeletion", key, &[]));
-                // CancelKeyDeletion leaves the key Disabled; enable it unless it is
-                // known to have been disabled before the deletion was scheduled.
-                let prior = cached.as_ref().map(|r| r.state.clone()).filter(|s| s != "PendingDeletion");
-                report.before.insert(
-                    "state_before_event".into(),
-                    prior.clone().unwrap_or_else(|| "unknown (assumed Enabled)".into()),
-                );
-                if prior.as_deref() != Some("Disabled") {
+                // CancelKeyDeletion leaves the key Disabled; enable it only when it is
+                // known to have been Enabled before the deletion was scheduled.
+                let (was, source) = match prior.state {
+                    Some((st, source)) => (st, source),
+                    None => ("unknown".to_string(), "none: no inventory record read before the event and no earlier CreateKey, EnableKey, DisableKey or CancelKeyDeletion event recorded; the key is left Disabled (enable it with `aws kms enable-key` if it was in use)".to_string()),
+                };
+                report.before.insert("state_before_event".into(), was.clone());
+                report.before.insert("state_before_source".into(), source);
+                if was == "Enabled" {
                     calls.push(change_call("EnableKey", key, &[]));
                 }
             }
@@ -491,7 +508,19 @@ impl Engine {
                 if before.get("rotation_enabled").map(String::as_str) == Some("true") {
                     return skip(report, "already fine: automatic rotation is enabled".into());
                 }
-                let period = period_days.or(cached.as_ref().and_then(|r| r.rotation_period_days));
+                let period = match (period_days, prior.rotation_period) {
+                    (Some(d), _) => Some((*d, "the event's requestParameters.rotationPeriodInDays".to_string())),
+                    (None, known) => known,
+                };
+                let (period, source) = match period {
+                    Some((d, source)) => (Some(d), source),
+                    None => (None, "none: no inventory record read before the event shows a period and no earlier EnableKeyRotation event set one; KMS applies its default (365 days)".to_string()),
+                };
+                report.before.insert(
+                    "rotation_period_before_event".into(),
+                    period.map_or("unknown".into(), |d| d.to_string()),
+                );
+                report.before.insert("rotation_period_source".into(), source);
                 let mut params = Vec::new();
                 let text;
                 if let Some(d) = period {
@@ -641,6 +670,74 @@ impl Engine {
         match failure {
             Some(why) => fail(report, why),
             None => ActionOutcome::Performed,
+        }
+    }
+
+    /// What kmsguard knows of the key before the triggering event: the newer of the
+    /// key inventory's record (when it was read at or before the event's time; in the
+    /// daemon, what `[inventory] refresh` stored) and the newest earlier event recorded
+    /// for the key (`history`). Each fact comes with a description of its source.
+    fn prior(&self, f: &Finding, p: &Plan, cached: Option<&inventory::KeyRecord>) -> Prior {
+        let event_time = parse_time(&f.time);
+        // A record read after the event shows the state after it, not before.
+        let cached = cached.filter(
+            |r| matches!((parse_time(&r.refreshed_at), event_time), (Some(r), Some(e)) if r <= e),
+        );
+        let events = self
+            .tree
+            .as_ref()
+            .map(|t| history::load(t, &p.key_arn))
+            .unwrap_or_default();
+        let trigger = f.event_ids.first().map(String::as_str).unwrap_or("");
+        let from_record = |r: &inventory::KeyRecord| {
+            (
+                parse_time(&r.refreshed_at).unwrap_or(i64::MIN),
+                format!("inventory record read {}", r.refreshed_at),
+            )
+        };
+        let from_event = |e: &history::KeyEvent| {
+            (
+                parse_time(&e.time).unwrap_or(i64::MIN),
+                format!("event {} {} at {}", e.event_name, e.event_id, e.time),
+            )
+        };
+        // The newer of two dated facts; an event wins a tie (it is a recorded change).
+        fn newer<T>(
+            a: Option<(i64, T, String)>,
+            b: Option<(i64, T, String)>,
+        ) -> Option<(T, String)> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(if a.0 > b.0 { (a.1, a.2) } else { (b.1, b.2) }),
+                (a, b) => a.or(b).map(|x| (x.1, x.2)),
+            }
+        }
+        let state = newer(
+            cached
+                .filter(|r| !r.state.starts_with("Pending") && !r.state.is_empty())
+                .map(|r| {
+                    let (t, s) = from_record(r);
+                    (t, r.state.clone(), s)
+                }),
+            history::state_before(trigger, &f.time, &events).and_then(|e| {
+                let (t, s) = from_event(e);
+                Some((t, e.state_after.clone()?, s))
+            }),
+        );
+        let rotation_period = newer(
+            cached
+                .filter(|r| r.rotation_enabled == Some(true))
+                .and_then(|r| {
+                    let (t, s) = from_record(r);
+                    Some((t, r.rotation_period_days?, s))
+                }),
+            history::rotation_period_before(trigger, &f.time, &events).and_then(|e| {
+                let (t, s) = from_event(e);
+                Some((t, e.rotation_period_days?, s))
+            }),
+        );
+        Prior {
+            state,
+            rotation_period,
         }
     }
 

@@ -60,6 +60,14 @@ pub struct KeyEvent {
     /// The policy text, when closed (a snapshot); not stored in the event list.
     #[serde(default, skip_serializing)]
     pub policy: Option<String>,
+    /// The key state the event leaves: `Enabled` after CreateKey (its
+    /// `responseElements.keyMetadata.keyState` when given) and EnableKey, `Disabled`
+    /// after DisableKey and CancelKeyDeletion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_after: Option<String>,
+    /// EnableKeyRotation: `requestParameters.rotationPeriodInDays`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_period_days: Option<i32>,
 }
 
 /// A closed key policy seen in an event.
@@ -92,8 +100,28 @@ pub fn observe(ev: &Event<'_>) -> Option<KeyEvent> {
         grant_id: None,
         policy_open: None,
         policy: None,
+        state_after: None,
+        rotation_period_days: None,
         key,
     };
+    match name {
+        "EnableKey" => k.state_after = Some("Enabled".into()),
+        "DisableKey" | "CancelKeyDeletion" => k.state_after = Some("Disabled".into()),
+        "EnableKeyRotation" => {
+            k.rotation_period_days = ev
+                .get(&["requestParameters", "rotationPeriodInDays"])
+                .and_then(Value::scalar_text)
+                .and_then(|t| t.parse().ok())
+        }
+        "CreateKey" => {
+            k.state_after = Some(
+                ev.str(&["responseElements", "keyMetadata", "keyState"])
+                    .unwrap_or("Enabled")
+                    .to_string(),
+            )
+        }
+        _ => {}
+    }
     match name {
         "TagResource" => {
             if let Some(tags) = ev.get(&["requestParameters", "tags"]) {
@@ -250,6 +278,50 @@ pub fn resolution<'h>(
         .find_map(|(_, e)| settles(cfg, action, e).map(|s| (s, e)))
 }
 
+/// The events of `history` before the trigger (`trigger_id` at `trigger_time`), newest
+/// first: an earlier time, or the same time and recorded before the trigger.
+fn earlier<'h>(
+    trigger_id: &str,
+    trigger_time: &str,
+    history: &'h [KeyEvent],
+) -> impl Iterator<Item = &'h KeyEvent> {
+    let at = history
+        .iter()
+        .position(|e| e.event_id == trigger_id)
+        .unwrap_or(history.len());
+    let (trigger_id, trigger_time) = (trigger_id.to_string(), trigger_time.to_string());
+    history
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(move |(i, e)| {
+            e.event_id != trigger_id
+                && (e.time < trigger_time || (e.time == trigger_time && *i < at))
+        })
+        .map(|(_, e)| e)
+}
+
+/// The newest event before the trigger that says which state it left the key in
+/// (CreateKey, EnableKey, DisableKey, CancelKeyDeletion): the key's state before the
+/// trigger, as far as CloudTrail recorded it.
+pub fn state_before<'h>(
+    trigger_id: &str,
+    trigger_time: &str,
+    history: &'h [KeyEvent],
+) -> Option<&'h KeyEvent> {
+    earlier(trigger_id, trigger_time, history).find(|e| e.state_after.is_some())
+}
+
+/// The newest EnableKeyRotation before the trigger that set a rotation period.
+pub fn rotation_period_before<'h>(
+    trigger_id: &str,
+    trigger_time: &str,
+    history: &'h [KeyEvent],
+) -> Option<&'h KeyEvent> {
+    earlier(trigger_id, trigger_time, history)
+        .find(|e| e.event_name == "EnableKeyRotation" && e.rotation_period_days.is_some())
+}
+
 fn settles(cfg: &RemediationConfig, action: &Action, e: &KeyEvent) -> Option<Settled> {
     if e.event_name == "TagResource" {
         let tag = cfg.confirm_tag.as_deref()?;
@@ -363,6 +435,8 @@ mod tests {
             grant_id: None,
             policy_open: None,
             policy: None,
+            state_after: None,
+            rotation_period_days: None,
         }
     }
 
@@ -436,6 +510,53 @@ mod tests {
         assert!(resolution(&c, &Action::EnableKey, "trigger", t0, &[no]).is_none());
         let off = cfg("confirm_tag = \"\"\n");
         assert!(resolution(&off, &Action::EnableKey, "trigger", t0, &[tag]).is_none());
+    }
+
+    #[test]
+    fn earlier_events_give_the_state_and_rotation_period_before_the_trigger() {
+        let en = event(&raw("c", "CreateKey", r#"{"description":"x"}"#)).unwrap();
+        assert_eq!(en.state_after.as_deref(), Some("Enabled"));
+        let rot = event(&raw(
+            "r",
+            "EnableKeyRotation",
+            r#"{"keyId":"k1","rotationPeriodInDays":180}"#,
+        ))
+        .unwrap();
+        assert_eq!(rot.rotation_period_days, Some(180));
+        assert_eq!(
+            event(&raw("d", "DisableKey", r#"{"keyId":"k1"}"#))
+                .unwrap()
+                .state_after
+                .as_deref(),
+            Some("Disabled")
+        );
+        let t0 = "2026-01-01T00:00:00Z";
+        let t1 = "2026-01-01T00:00:05Z";
+        let mut r90 = ke("r90", "EnableKeyRotation", t0);
+        r90.rotation_period_days = Some(90);
+        let mut dis = ke("dis", "DisableKey", t0);
+        dis.state_after = Some("Disabled".into());
+        let mut en = ke("en", "EnableKey", t1);
+        en.state_after = Some("Enabled".into());
+        let h = vec![
+            r90,
+            ke("r-default", "EnableKeyRotation", t0),
+            dis,
+            ke("trigger", "ScheduleKeyDeletion", t0),
+            en,
+        ];
+        // The newest earlier event that says; later ones (after the trigger) do not count.
+        assert_eq!(
+            state_before("trigger", t0, &h).map(|e| e.event_id.as_str()),
+            Some("dis")
+        );
+        assert_eq!(
+            rotation_period_before("trigger", t0, &h).map(|e| e.event_id.as_str()),
+            Some("r90")
+        );
+        // The same second but recorded after the trigger: not before it.
+        assert!(state_before("trigger", t0, &h[3..]).is_none());
+        assert!(state_before("trigger", t0, &[]).is_none());
     }
 
     #[test]
