@@ -20,7 +20,11 @@ pub struct Trail {
 
 impl Trail {
     pub async fn new() -> Trail {
-        let moto = Moto::start();
+        Trail::with_moto(Moto::start()).await
+    }
+
+    /// A trail on a moto started with extra environment (e.g. its request recorder).
+    pub async fn with_moto(moto: Moto) -> Trail {
         let sdk = moto.sdk("us-east-1").await;
         let s3 = kmsguard::aws::s3_client(
             &sdk,

@@ -57,6 +57,61 @@ async fn kms(trail: &Trail) -> aws_sdk_kms::Client {
     kmsguard::aws::kms_client(&trail.moto.sdk("us-east-1").await, None)
 }
 
+/// A trail whose moto records every request it receives in `file` (moto's own request
+/// recorder): what kmsguard really sent, whatever its reports say.
+async fn recorded_trail(file: &Path) -> Trail {
+    let path = file.to_str().unwrap();
+    Trail::with_moto(Moto::start_with(&[
+        ("MOTO_ENABLE_RECORDING", "1"),
+        ("MOTO_RECORDER_FILEPATH", path),
+    ]))
+    .await
+}
+
+/// The KMS requests moto recorded, in the order received: (operation, JSON body).
+fn kms_requests(file: &Path) -> Vec<(String, Value)> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|r| {
+            let op = r["headers"]["X-Amz-Target"]
+                .as_str()?
+                .strip_prefix("TrentService.")?
+                .to_string();
+            let body = r["body"].as_str().unwrap_or("");
+            let bytes = if r["body_encoded"] == true {
+                base64_decode(body)
+            } else {
+                body.as_bytes().to_vec()
+            };
+            Some((op, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+        })
+        .collect()
+}
+
+/// Standard base64 (moto's recorder encodes binary bodies so).
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for v in text.bytes().filter_map(value) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
 /// A new key, optionally tagged `kmsguard:protect=true`; returns (id, ARN).
 async fn key(kms: &aws_sdk_kms::Client, protect: bool) -> (String, String) {
     let mut req = kms.create_key().description("kmsguard remediation test");
@@ -301,10 +356,14 @@ async fn remediation_enforce_restores_every_key_and_leaves_out_of_scope_keys_alo
     // to the key being back.
     let mut latencies = Vec::new();
     for (id, rec) in &events {
+        // The deleted key's CreateKey is in CloudTrail too: it shows the key was Enabled
+        // before, so it is enabled again after the deletion is cancelled.
+        let mut recs = vec![rec.clone()];
+        if *id == "ev-del" {
+            recs.insert(0, create_record("ev-del-create", &t, &del, &del_arn));
+        }
         let t0 = Instant::now();
-        trail
-            .put(object_key(id), gz_file(std::slice::from_ref(rec)))
-            .await;
+        trail.put(object_key(id), gz_file(&recs)).await;
         let took = match *id {
             "ev-del" => until!(id, state(&kms, &del).await == "Enabled"),
             "ev-dis" => until!(id, state(&kms, &dis).await == "Enabled"),
@@ -395,6 +454,11 @@ async fn remediation_enforce_restores_every_key_and_leaves_out_of_scope_keys_alo
     let del_rem = &remediation_for(&findings, "ev-del").unwrap()["action"];
     assert_eq!(del_rem["before"]["key_state"], "PendingDeletion");
     assert_eq!(del_rem["after"]["key_state"], "Enabled");
+    assert_eq!(del_rem["before"]["state_before_event"], "Enabled");
+    assert_eq!(
+        del_rem["before"]["state_before_source"],
+        format!("event CreateKey ev-del-create at {t}")
+    );
     let out_rem = remediation_for(&findings, "ev-out").unwrap();
     assert_eq!(out_rem["action"]["outcome"], "skipped");
     assert!(
@@ -452,9 +516,10 @@ fn iso_in_days(days: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
-    let trail = Trail::new().await;
-    let kms = kms(&trail).await;
     let work = tempfile::tempdir().unwrap();
+    let recording = work.path().join("moto-requests.jsonl");
+    let trail = recorded_trail(&recording).await;
+    let kms = kms(&trail).await;
     let port = free_port();
     // Dry-run by default; DisableKey enforced with a budget of 2 actions an hour; one
     // failed action opens the breaker (for the default 900 s).
@@ -528,9 +593,16 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
             )
         })
         .collect();
-    assert_eq!(
-        planned,
-        vec![("CancelKeyDeletion", false), ("EnableKey", false)]
+    // Nothing says the key was Enabled before (no inventory, no earlier event): the
+    // deletion is cancelled, the key left Disabled, and the report says why.
+    assert_eq!(planned, vec![("CancelKeyDeletion", false)]);
+    assert_eq!(dry["before"]["state_before_event"], "unknown", "{dry}");
+    assert!(
+        dry["before"]["state_before_source"]
+            .as_str()
+            .unwrap()
+            .starts_with("none: "),
+        "{dry}"
     );
     assert_eq!(
         state(&kms, &del).await,
@@ -595,6 +667,37 @@ async fn remediation_dry_run_rate_limit_failures_and_the_remediate_command() {
     assert_eq!(a["outcome"], "failed", "{f}");
     assert_eq!(a["reads"][0]["operation"], "DescribeKey");
     assert_eq!(a["reads"][0]["attempts"], 3, "2 retries: {f}");
+    assert!(
+        a["reads"][0]["request_id"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "the last attempt's request id: {f}"
+    );
+    assert!(
+        a["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot read the key's state (DescribeKey failed after 3 attempt(s)): NotFoundException"),
+        "{f}"
+    );
+    assert_eq!(
+        a["reads"].as_array().unwrap().len(),
+        1,
+        "nothing after the failed read: {f}"
+    );
+    assert!(a["calls"].as_array().unwrap().is_empty(), "{f}");
+    // moto saw exactly those three DescribeKey requests for the key, and no change.
+    let ghost_id = ghost.rsplit('/').next().unwrap();
+    let sent: Vec<String> = kms_requests(&recording)
+        .into_iter()
+        .filter(|(_, body)| {
+            body["KeyId"]
+                .as_str()
+                .is_some_and(|k| k.ends_with(ghost_id))
+        })
+        .map(|(op, _)| op)
+        .collect();
+    assert_eq!(sent, vec!["DescribeKey"; 3], "requests moto received");
     assert!(
         a["reads"][0]["error"]
             .as_str()
@@ -961,6 +1064,13 @@ async fn remediation_uses_the_inventory_snapshot_of_policy_and_state() {
         d["action"]["before"]["state_before_event"], "Disabled",
         "{d}"
     );
+    assert!(
+        d["action"]["before"]["state_before_source"]
+            .as_str()
+            .unwrap()
+            .starts_with("inventory record read "),
+        "{d}"
+    );
     assert_eq!(
         d["action"]["calls"].as_array().unwrap().len(),
         1,
@@ -1029,6 +1139,18 @@ fn deletion_record(event_id: &str, time: &str, key_id: &str, key_arn: &str) -> V
         key_arn,
         json!({"keyId": key_id, "pendingWindowInDays": 7}),
         json!({"keyId": key_arn, "deletionDate": iso_in_days(7), "keyState": "PendingDeletion", "pendingWindowInDays": 7}),
+    )
+}
+
+/// A CreateKey record: it shows the key Enabled from then on.
+fn create_record(event_id: &str, time: &str, key_id: &str, key_arn: &str) -> Value {
+    record(
+        event_id,
+        time,
+        "CreateKey",
+        key_arn,
+        json!({"description": "kmsguard remediation test", "keyUsage": "ENCRYPT_DECRYPT", "keySpec": "SYMMETRIC_DEFAULT", "origin": "AWS_KMS"}),
+        json!({"keyMetadata": {"keyId": key_id, "arn": key_arn, "keyState": "Enabled", "enabled": true, "keyManager": "CUSTOMER"}}),
     )
 }
 
@@ -1110,6 +1232,7 @@ async fn remediation_honours_later_events_and_restores_policies_seen_in_events()
         deletion_record("ev-c-del", &t, &c, &c_arn),
         policy_record("ev-d-good", &t, &d, &d_arn, GOOD_POLICY),
         policy_record("ev-d-pub", &t, &d, &d_arn, PUBLIC_POLICY),
+        create_record("ev-e-new", &t, &e, &e_arn),
         deletion_record("ev-e-del", &t, &e, &e_arn),
     ]);
     let t0 = Instant::now();
@@ -1237,4 +1360,214 @@ async fn remediation_honours_later_events_and_restores_policies_seen_in_events()
     let gr = remediation_for(&out, "ev-g-pub").unwrap();
     assert_eq!(gr["action"]["outcome"], "performed", "{gr}");
     assert_eq!(policy(&kms, &g).await, GOOD_POLICY);
+}
+
+/// Whether the daemon's JSON log has a line with this message.
+fn logged(log: &Path, msg: &str) -> bool {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .any(|v| v["message"] == msg)
+}
+
+/// The state before a change, in the daemon with `[inventory] refresh`: the daemon's own
+/// refresh (at start) recorded a key as Enabled, so after its deletion is scheduled it
+/// is cancelled and enabled again; a key with a custom rotation period (set with
+/// EnableKeyRotation, whose CloudTrail record arrives too) gets rotation back with that
+/// period, as moto's request log shows; keys the refresh never saw fall back to their
+/// recorded events (DisableKey: left Disabled) or to nothing (left Disabled, said so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_in_the_daemon_uses_its_inventory_refresh_and_earlier_events() {
+    let work = tempfile::tempdir().unwrap();
+    let recording = work.path().join("moto-requests.jsonl");
+    let trail = recorded_trail(&recording).await;
+    let kms = kms(&trail).await;
+    // Before the daemon starts, so its first refresh reads them.
+    let (rot, rot_arn) = key(&kms, false).await;
+    kms.enable_key_rotation()
+        .key_id(&rot)
+        .rotation_period_in_days(180)
+        .send()
+        .await
+        .unwrap();
+    let t_rot = now_iso();
+    let (del, del_arn) = key(&kms, false).await;
+    // DisableKey is recorded for the history, not remediated (its rule is off).
+    let cfg = trail.config(
+        work.path(),
+        &format!("\n[inventory]\nrefresh = \"6h\"\n\n[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\n\n[remediation.rules]\nkms-key-disabled = \"off\"\n"),
+    );
+    let o = run(bin().args(["check-config"]).arg(&cfg));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let log = work.path().join("daemon.log");
+    let mut daemon = trail.start(&cfg, &log);
+    let _ = until!("the first inventory refresh", logged(&log, "inventory refreshed"));
+    // Keys the refresh has not seen.
+    let (late_dis, late_dis_arn) = key(&kms, false).await;
+    let (late_new, late_new_arn) = key(&kms, false).await;
+    kms.disable_key().key_id(&late_dis).send().await.unwrap();
+
+    // The CloudTrail records of the earlier changes arrive (CloudTrail delivers minutes
+    // late): EnableKeyRotation with its period, DisableKey.
+    let t = now_iso();
+    trail
+        .put(
+            object_key("earlier"),
+            gz_file(&[
+                record(
+                    "ev-h-rot",
+                    &t_rot,
+                    "EnableKeyRotation",
+                    &rot_arn,
+                    json!({"keyId": rot, "rotationPeriodInDays": 180}),
+                    Value::Null,
+                ),
+                record(
+                    "ev-h-dis",
+                    &t,
+                    "DisableKey",
+                    &late_dis_arn,
+                    json!({"keyId": late_dis}),
+                    Value::Null,
+                ),
+            ]),
+        )
+        .await;
+    let _ = until!(
+        "the earlier file committed",
+        sink(work.path())
+            .iter()
+            .any(|f| f["kind"] == "rule" && strs(&f["event_ids"]) == vec!["ev-h-dis"])
+    );
+
+    // The bad changes, made for real, each file timed from its upload to the key back.
+    kms.disable_key_rotation()
+        .key_id(&rot)
+        .send()
+        .await
+        .unwrap();
+    for k in [&del, &late_dis, &late_new] {
+        kms.schedule_key_deletion()
+            .key_id(k)
+            .pending_window_in_days(7)
+            .send()
+            .await
+            .unwrap();
+    }
+    let t = now_iso();
+    let t0 = Instant::now();
+    trail
+        .put(
+            object_key("rot"),
+            gz_file(&[record(
+                "ev-rot",
+                &t,
+                "DisableKeyRotation",
+                &rot_arn,
+                json!({"keyId": rot}),
+                Value::Null,
+            )]),
+        )
+        .await;
+    let took_rot = until!("ev-rot", rotation(&kms, &rot).await).max(t0.elapsed());
+    let t0 = Instant::now();
+    trail
+        .put(
+            object_key("del"),
+            gz_file(&[deletion_record("ev-del", &t, &del, &del_arn)]),
+        )
+        .await;
+    let took_del = until!("ev-del", state(&kms, &del).await == "Enabled").max(t0.elapsed());
+    trail
+        .put(
+            object_key("late"),
+            gz_file(&[
+                deletion_record("ev-late-dis", &t, &late_dis, &late_dis_arn),
+                deletion_record("ev-late-new", &t, &late_new, &late_new_arn),
+            ]),
+        )
+        .await;
+    let late_dis_rem = wait_remediation(work.path(), "ev-late-dis").await;
+    let late_new_rem = wait_remediation(work.path(), "ev-late-new").await;
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+    let findings = sink(work.path());
+    let ops = |a: &Value| -> Vec<String> {
+        a["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["operation"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Rotation: back on, with the period of the earlier EnableKeyRotation. moto's
+    // GetKeyRotationStatus does not return a period (moto 5.2.5 ignores it), so what
+    // KMS was asked is read from moto's request log.
+    assert!(rotation(&kms, &rot).await);
+    let r = &remediation_for(&findings, "ev-rot").unwrap()["action"];
+    assert_eq!(r["outcome"], "performed", "{r}");
+    assert_eq!(ops(r), vec!["EnableKeyRotation"], "{r}");
+    assert_eq!(r["calls"][0]["params"]["rotationPeriodInDays"], "180", "{r}");
+    assert_eq!(r["before"]["rotation_period_before_event"], "180", "{r}");
+    assert_eq!(
+        r["before"]["rotation_period_source"],
+        format!("event EnableKeyRotation ev-h-rot at {t_rot}"),
+        "{r}"
+    );
+    let on_rot: Vec<(String, Value)> = kms_requests(&recording)
+        .into_iter()
+        .filter(|(op, body)| op.contains("KeyRotation") && body["KeyId"] == rot.as_str())
+        .collect();
+    let after_disable = on_rot
+        .iter()
+        .rposition(|(op, _)| op == "DisableKeyRotation")
+        .expect("moto saw the DisableKeyRotation");
+    let enables: Vec<&Value> = on_rot[after_disable..]
+        .iter()
+        .filter(|(op, _)| op == "EnableKeyRotation")
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(enables.len(), 1, "{on_rot:?}");
+    assert_eq!(enables[0]["RotationPeriodInDays"], 180, "{on_rot:?}");
+
+    // Deletion of a key the daemon's refresh recorded as Enabled: cancelled, enabled.
+    assert_eq!(state(&kms, &del).await, "Enabled");
+    let d = &remediation_for(&findings, "ev-del").unwrap()["action"];
+    assert_eq!(d["outcome"], "performed", "{d}");
+    assert_eq!(ops(d), vec!["CancelKeyDeletion", "EnableKey"], "{d}");
+    assert_eq!(d["before"]["state_before_event"], "Enabled", "{d}");
+    assert!(
+        d["before"]["state_before_source"]
+            .as_str()
+            .unwrap()
+            .starts_with("inventory record read "),
+        "{d}"
+    );
+
+    // Keys the refresh never read: a recorded DisableKey says Disabled; nothing at all
+    // says nothing. Both: cancelled, left Disabled, and the report says why.
+    for (f, id, was, source) in [
+        (&late_dis_rem, &late_dis, "Disabled", "event DisableKey ev-h-dis at "),
+        (&late_new_rem, &late_new, "unknown", "none: "),
+    ] {
+        let a = &f["action"];
+        assert_eq!(a["outcome"], "performed", "{f}");
+        assert_eq!(ops(a), vec!["CancelKeyDeletion"], "{f}");
+        assert_eq!(a["before"]["state_before_event"], was, "{f}");
+        assert!(
+            a["before"]["state_before_source"]
+                .as_str()
+                .unwrap()
+                .starts_with(source),
+            "{f}"
+        );
+        assert_eq!(state(&kms, id).await, "Disabled");
+    }
+    eprintln!(
+        "remediation with [inventory] refresh: upload (SQS message) -> key back: ev-rot {} ms, ev-del {} ms",
+        took_rot.as_millis(),
+        took_del.as_millis()
+    );
 }
