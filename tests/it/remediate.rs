@@ -1402,7 +1402,10 @@ async fn remediation_in_the_daemon_uses_its_inventory_refresh_and_earlier_events
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let log = work.path().join("daemon.log");
     let mut daemon = trail.start(&cfg, &log);
-    let _ = until!("the first inventory refresh", logged(&log, "inventory refreshed"));
+    let _ = until!(
+        "the first inventory refresh",
+        logged(&log, "inventory refreshed")
+    );
     // Keys the refresh has not seen.
     let (late_dis, late_dis_arn) = key(&kms, false).await;
     let (late_new, late_new_arn) = key(&kms, false).await;
@@ -1509,7 +1512,10 @@ async fn remediation_in_the_daemon_uses_its_inventory_refresh_and_earlier_events
     let r = &remediation_for(&findings, "ev-rot").unwrap()["action"];
     assert_eq!(r["outcome"], "performed", "{r}");
     assert_eq!(ops(r), vec!["EnableKeyRotation"], "{r}");
-    assert_eq!(r["calls"][0]["params"]["rotationPeriodInDays"], "180", "{r}");
+    assert_eq!(
+        r["calls"][0]["params"]["rotationPeriodInDays"], "180",
+        "{r}"
+    );
     assert_eq!(r["before"]["rotation_period_before_event"], "180", "{r}");
     assert_eq!(
         r["before"]["rotation_period_source"],
@@ -1549,7 +1555,12 @@ async fn remediation_in_the_daemon_uses_its_inventory_refresh_and_earlier_events
     // Keys the refresh never read: a recorded DisableKey says Disabled; nothing at all
     // says nothing. Both: cancelled, left Disabled, and the report says why.
     for (f, id, was, source) in [
-        (&late_dis_rem, &late_dis, "Disabled", "event DisableKey ev-h-dis at "),
+        (
+            &late_dis_rem,
+            &late_dis,
+            "Disabled",
+            "event DisableKey ev-h-dis at ",
+        ),
         (&late_new_rem, &late_new, "unknown", "none: "),
     ] {
         let a = &f["action"];
