@@ -585,6 +585,8 @@ fn observe_batch(
         }
         out.extend(det.observe(o, report));
     }
+    // Buckets the trail has moved past are judged now, not at the principal's next call.
+    out.extend(det.close_elapsed(report));
     Ok(out)
 }
 
