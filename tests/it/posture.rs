@@ -1019,6 +1019,113 @@ async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
     assert_eq!(code, Some(0));
 }
 
+/// The daemon records, with each processed CloudTrail file, when it showed each key, so
+/// its scheduled refresh runs the use-based checks. Against moto with keys 200 days old:
+/// before any file, neither check is evaluated (no history); a file with a Decrypt on
+/// `busy` an hour ago and a DescribeKey on it 40 days ago (the history reaches back over
+/// `unused_days = 30`) makes the next refresh report `idle`, never in CloudTrail, as
+/// unused (and not `busy`); disabling `busy` through the SDK makes a later refresh report
+/// it disabled while in use. Each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_records_key_use_and_its_refresh_reports_unused_and_disabled_in_use_keys() {
+    use crate::daemon::{sigterm, sink, wait_exit, Trail};
+    let age = (200 * 86_400).to_string();
+    let trail = Trail::new_with(&[("KMSGUARD_MOTO_KEY_AGE_SECS", &age)]).await;
+    let kms = kmsguard::aws::kms_client(&trail.moto.sdk(EAST).await, None);
+    let busy = make_key(&kms, "alias/busy", good()).await;
+    let idle = make_key(&kms, "alias/idle", good()).await;
+    let work = tempfile::tempdir().unwrap();
+    let cfg = trail.config(
+        work.path(),
+        "\n[inventory]\nrefresh = \"2s\"\n\n[posture]\nrequired_tags = [\"owner\"]\nunused_days = 30\nrecent_use_days = 30\n",
+    );
+    let log = work.path().join("daemon.log");
+    let mut daemon = trail.start(&cfg, &log);
+    let refreshes = || log_lines(&log, "inventory refreshed");
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not happen; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let posture = || {
+        by_key(
+            &sink(work.path())
+                .into_iter()
+                .filter(|f| f["kind"] == "posture")
+                .collect::<Vec<_>>(),
+        )
+    };
+    wait_for("two refreshes", &|| refreshes().len() >= 2);
+    assert_eq!(
+        posture(),
+        BTreeMap::new(),
+        "no CloudTrail history yet: nothing to say"
+    );
+
+    let records = json!({"Records": [
+        record("DescribeKey", &busy, &ts(-40 * 86_400), json!({})),
+        record("Decrypt", &busy, &ts(-3600), json!({})),
+    ]});
+    trail
+        .put(
+            format!("AWSLogs/{ACCT}/CloudTrail/{EAST}/2026/11/29/{ACCT}_CloudTrail_{EAST}_20261129T0000Z_u.json"),
+            records.to_string().into_bytes(),
+        )
+        .await;
+    wait_for("the unused-key finding", &|| !posture().is_empty());
+    assert_eq!(
+        posture(),
+        BTreeMap::from([(idle.clone(), set(&["kms-posture-unused-key"]))]),
+        "only the key CloudTrail never showed is unused"
+    );
+
+    kms.disable_key()
+        .key_id(id(&busy))
+        .send()
+        .await
+        .expect("disable key");
+    wait_for("the disabled-in-use finding", &|| {
+        posture().contains_key(&busy)
+    });
+    let seen = refreshes().len();
+    wait_for("two more refreshes", &|| refreshes().len() >= seen + 2);
+    assert_eq!(
+        posture(),
+        BTreeMap::from([
+            (idle.clone(), set(&["kms-posture-unused-key"])),
+            (busy.clone(), set(&["kms-posture-unusable-key-in-use"])),
+        ])
+    );
+    let found: Vec<Value> = sink(work.path())
+        .into_iter()
+        .filter(|f| f["kind"] == "posture")
+        .collect();
+    assert_eq!(found.len(), 2, "each exactly once: {found:?}");
+    let f = found
+        .iter()
+        .find(|f| f["rule"] == "kms-posture-unusable-key-in-use")
+        .unwrap();
+    assert_eq!(f["severity"], "high");
+    assert_eq!(f["key_alias"], "alias/busy");
+    assert!(
+        f["summary"]
+            .as_str()
+            .unwrap()
+            .contains("is disabled but CloudTrail shows it used"),
+        "{f}"
+    );
+
+    sigterm(&daemon);
+    let (code, _) = wait_exit(&mut daemon, Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+}
+
 /// `kms-posture-unused-key` through the binary: keys 200 days old (moto stamps their
 /// creation date back), a CloudTrail history recorded by `replay --state` that reaches
 /// back 40 days with a DescribeKey (not a use) on the idle key and a Decrypt two days
