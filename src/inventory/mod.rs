@@ -259,6 +259,11 @@ impl Inventory {
         self.roles.keys().map(String::as_str)
     }
 
+    /// The role ARN through which `account`'s keys are read, if any.
+    pub fn role_of(&self, account: &str) -> Option<&str> {
+        self.roles.get(account).map(String::as_str)
+    }
+
     pub fn calls(&self) -> &ApiCalls {
         &self.calls
     }

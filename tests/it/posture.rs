@@ -618,6 +618,93 @@ fn serve_kms(mut conn: TcpStream, count: &AtomicUsize, throttle: usize) {
     }
 }
 
+/// A role that cannot be assumed costs its account only. moto's STS lets anyone assume
+/// any role, so the fault proxy in front of moto answers AssumeRole of one role with
+/// STS's 403 AccessDenied (as for a trust policy that does not allow the caller). With
+/// two roles, `posture` audits the default credentials' keys in both regions and the
+/// good role's account, reports one `kind: "health"` finding naming the refused account,
+/// its role ARN and the fix, and exits 0, or 1 only when `--fail-on` is at or below the
+/// finding's severity (high).
+#[tokio::test(flavor = "multi_thread")]
+async fn posture_skips_an_account_whose_role_cannot_be_assumed_and_reports_it() {
+    const REFUSED: &str = "777788889999";
+    let moto = Moto::start();
+    let sdk = moto.sdk(EAST).await;
+    let own = kmsguard::aws::kms_client(&sdk, None);
+    let west = kmsguard::aws::kms_client(&moto.sdk(WEST).await, None);
+    let good_role = format!("arn:aws:iam::{OTHER}:role/kmsguard-audit");
+    let bad_role = format!("arn:aws:iam::{REFUSED}:role/kmsguard-audit");
+    let other = kmsguard::aws::kms_client_as(&sdk, EAST, Some(&good_role), "setup").await;
+    let norot = || Spec {
+        rotation: false,
+        ..good()
+    };
+    let east_key = make_key(&own, "alias/own-east", norot()).await;
+    let west_key = make_key(&west, "alias/own-west", norot()).await;
+    let other_key = make_key(&other, "alias/other", norot()).await;
+    let proxy = crate::servers::FaultProxy::start(
+        &moto.endpoint(),
+        &json!({"deny_assume_roles": [bad_role]}),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kmsguard.toml");
+    std::fs::write(
+        &config,
+        format!("[posture]\nregions = [\"{EAST}\", \"{WEST}\"]\n[inventory]\nroles = {{ \"{REFUSED}\" = \"{bad_role}\", \"{OTHER}\" = \"{good_role}\" }}\n"),
+    )
+    .unwrap();
+    let posture = |extra: &[&str]| {
+        let o = run(bin()
+            .envs(proxy.env())
+            .args(["posture", "--format", "jsonl", "--config"])
+            .arg(&config)
+            .args(extra));
+        (
+            jsonl(&stdout(&o)),
+            stderr(&o),
+            o.status.code().unwrap_or(-1),
+        )
+    };
+    let (findings, err, code) = posture(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        proxy.stats()["assume_denied"].as_u64().unwrap_or(0) > 0,
+        "the proxy refused the role: {}",
+        proxy.stats()
+    );
+    let (health, keyed): (Vec<Value>, Vec<Value>) =
+        findings.into_iter().partition(|f| f["kind"] == "health");
+    assert_eq!(
+        by_key(&keyed),
+        BTreeMap::from([
+            (east_key.clone(), set(&["kms-posture-rotation-disabled"])),
+            (west_key.clone(), set(&["kms-posture-rotation-disabled"])),
+            (other_key.clone(), set(&["kms-posture-rotation-disabled"])),
+        ]),
+        "the own account in both regions and the good role's account are audited: {err}"
+    );
+    assert_eq!(health.len(), 1, "one finding for the account: {health:?}");
+    let h = &health[0];
+    assert_eq!(h["rule"], "health-inventory-role");
+    assert_eq!(h["severity"], "high");
+    assert_eq!(h["account"], REFUSED);
+    let summary = h["summary"].as_str().unwrap();
+    for part in [REFUSED, bad_role.as_str(), "sts:AssumeRole", "AccessDenied"] {
+        assert!(summary.contains(part), "{part} in: {summary}");
+    }
+    assert!(err.contains(&format!("1 not audited: {REFUSED}")), "{err}");
+    assert!(
+        err.contains(&format!("warning: account {REFUSED} not audited")),
+        "{err}"
+    );
+
+    let (_, err, code) = posture(&["--fail-on", "critical"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, err, code) = posture(&["--fail-on", "high"]);
+    assert_eq!(code, 1, "the health finding is high: {err}");
+}
+
 async fn sdk_for(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(EAST))
