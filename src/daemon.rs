@@ -962,6 +962,9 @@ fn analyze_job(
     let mut findings = health;
     if let Some(a) = &analysis {
         let mut found = a.findings.clone();
+        // Without a cached record, key conditions see what earlier events of the file
+        // said about the key (tags, aliases), not only the finding's own event.
+        crate::analyze::key_facts::Tracker::default().carry(&a.key_facts, &mut found);
         for f in found.iter_mut() {
             // The cache only: the analyzer never waits on the API.
             shared.inventory.enrich_cached(f)?;

@@ -666,10 +666,13 @@ impl Inventory {
     }
 }
 
-/// Copies a key record's alias and tags into a finding.
+/// Copies a key record's alias (the first; all of them for rules' `key:alias`) and tags
+/// into a finding.
 pub fn apply(f: &mut Finding, rec: &KeyRecord) {
     f.key_alias = rec.aliases.first().cloned();
     f.key_tags = rec.tags.clone();
+    // Rules' `key:alias` sees every alias, not only the one shown.
+    f.pending.set_key_aliases(&rec.aliases);
 }
 
 fn is_fresh(rec: &KeyRecord, max_age: Duration, now: i64) -> bool {

@@ -999,6 +999,125 @@ async fn rules_match_key_tags_after_enrichment() {
     );
 }
 
+/// Offline (no --enrich), a replay carries what earlier events said about a key to later
+/// findings' key conditions, through the binary: a TagResource `sensitivity = high` in
+/// one file escalates a ScheduleKeyDeletion of the key in a later file to critical (the
+/// shipped rule), but not one that came before the tag, nor one after an UntagResource
+/// of it, nor one on another key; a CreateAlias `alias/scratch-*` lets a `key:alias`
+/// suppression drop a later DisableKey of that key, until UpdateAlias moves the alias to
+/// another key.
+#[test]
+fn offline_replay_carries_earlier_events_key_facts_to_later_findings() {
+    let key = |k: &str| format!("arn:aws:kms:{EAST}:{ACCT}:key/{k}");
+    let (tagged, untagged, other, scratch) = (
+        key("k-tagged"),
+        key("k-untagged"),
+        key("k-other"),
+        key("k-scratch"),
+    );
+    let at = |h: u32| format!("2026-11-29T{h:02}:00:00Z");
+    let del = |k: &str, h: u32| {
+        record(
+            "ScheduleKeyDeletion",
+            k,
+            &at(h),
+            json!({"pendingWindowInDays": 7}),
+        )
+    };
+    let tag_high = |k: &str, h: u32| {
+        record(
+            "TagResource",
+            k,
+            &at(h),
+            json!({"tags": [{"tagKey": "sensitivity", "tagValue": "high"}]}),
+        )
+    };
+    let alias = |name: &str, k: &str, alias: &str, h: u32| {
+        let mut r = record(
+            name,
+            k,
+            &at(h),
+            json!({"aliasName": alias, "targetKeyId": id(k)}),
+        );
+        r["requestParameters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("keyId");
+        r
+    };
+    let trail = tempfile::tempdir().unwrap();
+    // Two files, in time order; the facts of the first reach the findings of the second.
+    write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[
+            del(&tagged, 0),
+            tag_high(&tagged, 1),
+            tag_high(&untagged, 1),
+            alias("CreateAlias", &scratch, "alias/scratch-1", 1),
+        ],
+    );
+    let later = vec![
+        del(&tagged, 3),
+        record(
+            "UntagResource",
+            &untagged,
+            &at(2),
+            json!({"tagKeys": ["sensitivity"]}),
+        ),
+        del(&untagged, 3),
+        del(&other, 3),
+        record("DisableKey", &scratch, &at(3), json!({})),
+        alias("UpdateAlias", &other, "alias/scratch-1", 4),
+        record("DisableKey", &scratch, &at(5), json!({})),
+    ];
+    write_trail(trail.path(), "20261129T0200Z", &later);
+    let rules = trail.path().join("scratch.toml");
+    std::fs::write(
+        &rules,
+        "[[suppress]]\nrules = [\"kms-key-disabled\"]\nreason = \"scratch keys come and go\"\nmatch = { field = \"key:alias\", starts_with = \"alias/scratch-\" }\n",
+    )
+    .unwrap();
+    let rules_arg = rules.to_str().unwrap().to_string();
+    let (found, err, code) = replay_jsonl(
+        &[trail.path()],
+        &["--no-baselines", "--extra-rules", &rules_arg],
+    );
+    assert_eq!(code, 0, "{err}");
+    let got: BTreeSet<(String, String, String, String)> = found
+        .iter()
+        .filter(|f| f["rule"] == "kms-key-deletion-scheduled" || f["rule"] == "kms-key-disabled")
+        .map(|f| {
+            (
+                f["rule"].as_str().unwrap().to_string(),
+                strs(&f["keys"]).pop().unwrap(),
+                f["time"].as_str().unwrap().to_string(),
+                f["severity"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let row =
+        |r: &str, k: &str, h: u32, s: &str| (r.to_string(), k.to_string(), at(h), s.to_string());
+    assert_eq!(
+        got,
+        BTreeSet::from([
+            row("kms-key-deletion-scheduled", &tagged, 0, "high"),
+            row("kms-key-deletion-scheduled", &tagged, 3, "critical"),
+            row("kms-key-deletion-scheduled", &untagged, 3, "high"),
+            row("kms-key-deletion-scheduled", &other, 3, "high"),
+            row("kms-key-disabled", &scratch, 5, "high"),
+        ]),
+        "{err}"
+    );
+    // The facts decide conditions only: offline, findings show no key tags or alias.
+    assert!(
+        !found
+            .iter()
+            .any(|f| f["key_tags"].is_object() || f["key_alias"].is_string()),
+        "offline: nothing enriched"
+    );
+}
+
 /// Lines of the daemon's JSON log whose message is `msg`.
 fn log_lines(log: &Path, msg: &str) -> Vec<Value> {
     std::fs::read_to_string(log)
