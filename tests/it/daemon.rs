@@ -20,7 +20,12 @@ pub struct Trail {
 
 impl Trail {
     pub async fn new() -> Trail {
-        let moto = Moto::start();
+        Trail::new_with(&[]).await
+    }
+
+    /// `new` over a moto started with extra environment (`Moto::start_with`).
+    pub async fn new_with(env: &[(&str, &str)]) -> Trail {
+        let moto = Moto::start_with(env);
         let sdk = moto.sdk("us-east-1").await;
         let s3 = kmsguard::aws::s3_client(
             &sdk,
