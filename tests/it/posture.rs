@@ -1119,6 +1119,19 @@ fn offline_replay_carries_earlier_events_key_facts_to_later_findings() {
 }
 
 /// Lines of the daemon's JSON log whose message is `msg`.
+/// Waits up to a minute for `cond`, failing with the daemon's log when it never holds.
+fn wait_for_daemon(log: &Path, what: &str, cond: &dyn Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn log_lines(log: &Path, msg: &str) -> Vec<Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -1155,17 +1168,7 @@ async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
     let log = work.path().join("daemon.log");
     let mut daemon = trail.start(&cfg, &log);
     let refreshes = || log_lines(&log, "inventory refreshed");
-    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !cond() {
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| wait_for_daemon(&log, what, cond);
     wait_for("a first refresh", &|| !refreshes().is_empty());
     let first = refreshes().remove(0);
     assert_eq!(first["keys"], 1, "{first}");
@@ -1248,17 +1251,7 @@ async fn daemon_records_key_use_and_its_refresh_reports_unused_and_disabled_in_u
     let log = work.path().join("daemon.log");
     let mut daemon = trail.start(&cfg, &log);
     let refreshes = || log_lines(&log, "inventory refreshed");
-    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !cond() {
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| wait_for_daemon(&log, what, cond);
     let posture = || {
         by_key(
             &sink(work.path())
