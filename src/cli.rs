@@ -25,7 +25,7 @@ pub enum Command {
     /// Audit every customer-managed KMS key against best practice (rotation, policies,
     /// grants, tags, multi-Region DR, unused keys) and print posture findings.
     #[command(
-        after_help = "Examples:\n  kmsguard posture --region us-east-1 --region eu-west-1\n  kmsguard posture --config kmsguard.toml --format table --fail-on high\n  kmsguard replay --state /var/lib/kmsguard AWSLogs/ && kmsguard posture --state /var/lib/kmsguard\n  kmsguard posture --list-checks\n\nUse-based checks (unused keys, disabled keys still in use) need CloudTrail history recorded\nby `kmsguard replay --state DIR` into the same DIR.\nExit codes: 0 done; 1 a finding at or above --fail-on; 2 bad arguments or config, or the\nKMS API could not be read."
+        after_help = "Examples:\n  kmsguard posture --region us-east-1 --region eu-west-1\n  kmsguard posture --config kmsguard.toml --format table --fail-on high\n  kmsguard replay --state /var/lib/kmsguard AWSLogs/ && kmsguard posture --state /var/lib/kmsguard\n  kmsguard posture --list-checks\n\nUse-based checks (unused keys, disabled keys still in use) need CloudTrail history recorded\nby `kmsguard replay --state DIR` into the same DIR.\nExit codes: 0 done; 1 a finding at or above --fail-on; 2 bad arguments or config, or the\nkeys of a region could not be listed with the default credentials. An account whose\n[inventory] role cannot be used is skipped with a `health-inventory-role` finding (high),\nwhich counts for --fail-on like any finding."
     )]
     Posture(PostureArgs),
     /// List the rules or run their inline tests.

@@ -74,6 +74,8 @@ struct Job {
     /// A second ledger entry to write (the object's key without ETag).
     alias: Option<String>,
     analysis: Option<Analysis>,
+    /// When CloudTrail showed each key in the file (recorded with its commit).
+    activity: Option<crate::inventory::Activity>,
     health: Vec<Finding>,
     failed: bool,
     reply: oneshot::Sender<Result<JobOutcome, StoreError>>,
@@ -225,6 +227,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             sinks: sinks.clone(),
             outbox: shared.outbox.clone(),
             remediation,
+            seen_keys: std::sync::atomic::AtomicUsize::new(
+                crate::inventory::Inventory::new(store.clone(), None, Default::default())
+                    .seen_count()?,
+            ),
+            seen_cap_logged: Default::default(),
         };
         let det = Detector::new(cfg.baseline.clone());
         std::thread::Builder::new()
@@ -753,11 +760,18 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
     let limits = shared.limits;
     let name = url.clone();
     let gz_name = obj.key.ends_with(".gz");
-    let analysis = tokio::task::spawn_blocking(move || {
+    let (analysis, activity) = tokio::task::spawn_blocking(move || {
         let mut decoder = Decoder::new(limits);
-        pipeline::analyze(&rules, &name, true, |on_event| {
-            decoder.decode_bytes(&bytes, gz_name, on_event)
-        })
+        // When each key was last seen, used and changed: the scheduled inventory
+        // refresh's use-based posture checks read it.
+        let mut activity = crate::inventory::Activity::default();
+        let analysis = pipeline::analyze(&rules, &name, true, |on_event| {
+            decoder.decode_bytes(&bytes, gz_name, &mut |ev| {
+                activity.observe(ev);
+                on_event(ev)
+            })
+        });
+        (analysis, activity)
     })
     .await
     .map_err(|e| FileError::Transient(format!("analysis task failed: {e}")))?;
@@ -784,7 +798,7 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
         shared,
         key,
         Some(obj.key_entry()),
-        Some(analysis),
+        Some((analysis, activity)),
         health_findings,
         failed,
     )
@@ -801,11 +815,12 @@ async fn submit(
     shared: &Shared,
     key: String,
     alias: Option<String>,
-    analysis: Option<Analysis>,
+    analysis: Option<(Analysis, crate::inventory::Activity)>,
     health: Vec<Finding>,
     failed: bool,
 ) -> Result<JobOutcome, String> {
     let (reply, rx) = oneshot::channel();
+    let (analysis, activity) = analysis.unzip();
     shared
         .jobs
         .send(Job {
@@ -813,6 +828,7 @@ async fn submit(
             state: Vec::new(),
             alias,
             analysis,
+            activity,
             health,
             failed,
             reply,
@@ -897,6 +913,11 @@ struct Committer {
     /// The remediation tree, when remediation is on: each input's key events are
     /// recorded there (`remediate::history`) in its commit.
     remediation: Option<sled::Tree>,
+    /// Keys with recorded CloudTrail activity (`inventory::SEEN`), against
+    /// `inventory::MAX_SEEN_KEYS`; only the analyzer writes them.
+    seen_keys: std::sync::atomic::AtomicUsize,
+    /// Whether the cap was reported in the log already.
+    seen_cap_logged: std::sync::atomic::AtomicBool,
 }
 
 fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Detector) {
@@ -907,6 +928,7 @@ fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Dete
             job.key,
             job.alias,
             job.analysis,
+            job.activity,
             job.health,
             job.failed,
             job.state,
@@ -925,6 +947,7 @@ fn analyze_job(
     key: Option<String>,
     alias: Option<String>,
     analysis: Option<Analysis>,
+    activity: Option<crate::inventory::Activity>,
     health: Vec<Finding>,
     failed: bool,
     state: Vec<crate::store::StateWrite>,
@@ -939,6 +962,9 @@ fn analyze_job(
     let mut findings = health;
     if let Some(a) = &analysis {
         let mut found = a.findings.clone();
+        // Without a cached record, key conditions see what earlier events of the file
+        // said about the key (tags, aliases), not only the finding's own event.
+        crate::analyze::key_facts::Tracker::default().carry(&a.key_facts, &mut found);
         for f in found.iter_mut() {
             // The cache only: the analyzer never waits on the API.
             shared.inventory.enrich_cached(f)?;
@@ -964,6 +990,25 @@ fn analyze_job(
             state.extend(crate::remediate::history::writes(tree, &a.key_events));
         }
     }
+    // When CloudTrail showed each key, with the file: the refresh's use-based checks.
+    // Cached records are not invalidated here: a refresh re-reads every key anyway, and
+    // until it does, enrichment is better served by a slightly old record than by none.
+    let mut new_seen = 0;
+    if let Some(act) = &activity {
+        let recorded = shared.seen_keys.load(Ordering::Relaxed);
+        let room = crate::inventory::MAX_SEEN_KEYS.saturating_sub(recorded);
+        let w = shared.inventory.activity_writes(act, false, room)?;
+        if w.dropped > 0 && !shared.seen_cap_logged.swap(true, Ordering::Relaxed) {
+            shared.metrics.error("inventory-seen-cap");
+            warn!(
+                keys = recorded,
+                "the CloudTrail activity of {} keys is recorded already (the cap); activity of further keys is not recorded",
+                crate::inventory::MAX_SEEN_KEYS
+            );
+        }
+        new_seen = w.new_keys;
+        state.extend(w.writes);
+    }
     let commit = Commit {
         ledger: if failed { Vec::new() } else { entries.clone() },
         failed: if failed { entries } else { Vec::new() },
@@ -977,6 +1022,7 @@ fn analyze_job(
     // Durable before the SQS message is deleted: sled writes its log to the file only
     // every 500 ms, and a kill -9 in between would lose a file whose message is gone.
     shared.store.flush()?;
+    shared.seen_keys.fetch_add(new_seen, Ordering::Relaxed);
     for sink in shared.sinks.iter() {
         sink.note_committed(&findings);
     }
@@ -1087,6 +1133,7 @@ async fn refresh_loop(
                 state,
                 alias: None,
                 analysis: None,
+                activity: None,
                 health: new,
                 failed: false,
                 reply,

@@ -630,9 +630,13 @@ fn posture_cmd(args: PostureArgs) -> Result<ExitCode> {
             "posture: {keys} key(s) ({} customer-managed) in {} region(s){}, {} finding(s); {calls} KMS API call(s) ({:.2} per key, {} throttled) in {:.2} s",
             audit.customer,
             regions.len(),
-            match inv_cfg.roles.len() {
-                0 => String::new(),
-                n => format!(" (also through {n} account role(s))"),
+            match (inv_cfg.roles.len(), audit.skipped_accounts.len()) {
+                (0, _) => String::new(),
+                (n, 0) => format!(" (also through {n} account role(s))"),
+                (n, s) => format!(
+                    " (also through {n} account role(s); {s} not audited: {})",
+                    audit.skipped_accounts.join(", ")
+                ),
             },
             findings.len(),
             calls as f64 / keys.max(1) as f64,

@@ -5,6 +5,7 @@
 
 use crate::analyze::baseline::{self, Baseline, BaselineConfig, Detector, Observation};
 use crate::analyze::finding::Finding;
+use crate::analyze::key_facts::{self, FactEvent};
 use crate::analyze::rule::RuleSet;
 use crate::decode::{DecodeLimits, Decoder, FileReport};
 use crate::inventory::activity::Activity;
@@ -182,6 +183,8 @@ pub struct Analysis {
     /// Events that can settle a pending remediation, and closed key policies, in file
     /// order (`remediate::history`).
     pub key_events: Vec<KeyEvent>,
+    /// Changes to keys' tags and aliases, in file order (`analyze::key_facts`).
+    pub key_facts: Vec<FactEvent>,
 }
 
 /// Decodes one input with `decode` (a `Decoder` method) and runs the rules on every
@@ -212,11 +215,13 @@ pub fn analyze_streaming(
     let mut findings = Vec::new();
     let mut observations = Vec::new();
     let mut key_events = Vec::new();
+    let mut key_facts = Vec::new();
     let file: std::sync::Arc<str> = name.into();
     let mut offered_at = OBSERVATION_CHUNK;
     let report = decode(&mut |ev| {
         rules.evaluate(ev, name, &mut findings);
         key_events.extend(history::observe(ev));
+        key_facts.extend(key_facts::observe(ev));
         if with_baselines {
             observations.extend(baseline::observe(ev, &file));
             if observations.len() >= offered_at {
@@ -231,6 +236,7 @@ pub fn analyze_streaming(
         findings,
         observations,
         key_events,
+        key_facts,
     }
 }
 
@@ -240,6 +246,7 @@ type WorkerResult = (
     Vec<Finding>,
     Vec<Observation>,
     Vec<KeyEvent>,
+    Vec<FactEvent>,
 );
 
 /// What workers send the collector: a file's observations in advance (only for the file
@@ -363,6 +370,7 @@ pub fn replay(
                             } else {
                                 Vec::new()
                             },
+                            a.key_facts,
                         )))
                         .is_err()
                     {
@@ -382,6 +390,7 @@ pub fn replay(
         let mut last_commit = Instant::now();
         let mut needed = 0;
         let mut bytes_done = 0;
+        let mut facts_so_far = key_facts::Tracker::default();
         let mut emit = |f: Finding, stats: &mut ReplayStats, findings: &mut Vec<Finding>| {
             if seen.insert(f.id.clone()) {
                 findings.push(f);
@@ -421,8 +430,13 @@ pub fn replay(
                     }
                 }
             }
-            while let Some((i, report, found, mut observed, mut keyed)) = pending.remove(&needed) {
+            while let Some((i, report, mut found, mut observed, mut keyed, facts)) =
+                pending.remove(&needed)
+            {
                 key_events.append(&mut keyed);
+                // What earlier events (this file's up to each finding, and earlier files')
+                // said about the findings' keys, for key conditions decided offline.
+                facts_so_far.carry(&facts, &mut found);
                 // Chunks are used as they arrive; any still here precede the rest.
                 if let Some(list) = chunks.remove(&i) {
                     let mut early: Vec<Observation> = list.into_iter().flatten().collect();
@@ -585,6 +599,8 @@ fn observe_batch(
         }
         out.extend(det.observe(o, report));
     }
+    // Buckets the trail has moved past are judged now, not at the principal's next call.
+    out.extend(det.close_elapsed(report));
     Ok(out)
 }
 

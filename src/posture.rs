@@ -384,11 +384,16 @@ pub struct Audit {
     /// Keys not audited or partly audited, with why (one line each, for warnings).
     pub warnings: Vec<String>,
     pub coverage: Coverage,
+    /// Accounts of `[inventory] roles` not audited because their role could not be used
+    /// (each has a `health-inventory-role` finding in `findings`).
+    pub skipped_accounts: Vec<String>,
 }
 
 /// Reads the keys of every region, with the default credentials and through each role
 /// of the inventory, and runs `evaluate` on each (each key ARN once, whoever listed it).
-/// A region or account whose keys cannot be listed is an error naming both.
+/// An account whose keys cannot be listed through its role is skipped with a
+/// `health-inventory-role` finding (and a warning); a region the default credentials
+/// cannot list is an error naming it.
 pub async fn audit(
     inv: &inventory::Inventory,
     regions: &[String],
@@ -403,19 +408,32 @@ pub async fn audit(
         .chain(inv.role_accounts().map(|a| Some(a.to_string())))
         .collect();
     let mut done = BTreeSet::new();
-    for account in &accounts {
+    'accounts: for account in &accounts {
         for region in regions {
-            let ri = inv
-                .refresh_region(account.as_deref(), region)
-                .await
-                .map_err(|source| AuditError::List {
-                    region: region.clone(),
-                    via: match account {
-                        Some(a) => format!("account {a} (through its [inventory] role)"),
-                        None => "the default credentials".into(),
-                    },
-                    source,
-                })?;
+            let ri = match (
+                inv.refresh_region(account.as_deref(), region).await,
+                account,
+            ) {
+                (Ok(ri), _) => ri,
+                // A role that cannot be assumed (or whose account cannot be listed) costs
+                // that account, not the audit: the others are still audited.
+                (Err(e), Some(a)) => {
+                    let role = inv.role_of(a).unwrap_or("?");
+                    out.warnings.push(format!(
+                        "account {a} not audited: cannot read its KMS keys in {region} through role {role}: {e}"
+                    ));
+                    out.findings.push(role_health(a, role, region, &e, now));
+                    out.skipped_accounts.push(a.clone());
+                    continue 'accounts;
+                }
+                (Err(source), None) => {
+                    return Err(AuditError::List {
+                        region: region.clone(),
+                        via: "the default credentials".into(),
+                        source,
+                    })
+                }
+            };
             for (arn, e) in &ri.failures {
                 out.warnings.push(format!("{arn}: not audited: {e}"));
             }
@@ -442,6 +460,43 @@ pub async fn audit(
     out.findings
         .sort_by(|a, b| (&a.keys, &a.rule).cmp(&(&b.keys, &b.rule)));
     Ok(out)
+}
+
+/// The rule id of the health finding for an account whose role cannot be used.
+pub const ROLE_HEALTH_RULE: &str = "health-inventory-role";
+
+/// A `kind: "health"` finding: the keys of `account` could not be read through `role`
+/// (the account was skipped). Its id depends on the role only, so a scheduled refresh
+/// reports it once, and again only after it was fixed and broke again.
+fn role_health(
+    account: &str,
+    role: &str,
+    region: &str,
+    e: &inventory::InventoryError,
+    now: i64,
+) -> Finding {
+    let summary = format!(
+        "Account {account} was not audited: its KMS keys in {region} cannot be read through role {role}: {e}. \
+         Fix: the role's trust policy must allow this principal sts:AssumeRole, and the role needs \
+         kms:ListKeys, kms:ListAliases, kms:DescribeKey, kms:ListResourceTags, kms:GetKeyRotationStatus, \
+         kms:GetKeyPolicy and kms:ListGrants (docs/posture.md); or remove the account from [inventory] roles."
+    );
+    Finding {
+        id: finding_id(ROLE_HEALTH_RULE, &[role.to_string()]),
+        kind: Kind::Health,
+        rule: ROLE_HEALTH_RULE.to_string(),
+        severity: Severity::High,
+        title: "kmsguard could not audit an account: its role cannot be used".into(),
+        summary: crate::analyze::rule::clean(&summary, 1200).collect(),
+        event_source: crate::event::KMS_SOURCE.to_string(),
+        time: inventory::format_time(now),
+        account: Some(account.to_string()),
+        region: Some(region.to_string()),
+        remediation: Some(format!(
+            "let the daemon's principal assume {role} (trust policy) and grant it the read-only KMS permissions"
+        )),
+        ..Finding::default()
+    }
 }
 
 /// What a scheduled refresh reports: of the findings of an audit, those whose ids are

@@ -467,7 +467,16 @@ pub struct Detector {
     cache: HashMap<String, Baseline>,
     dirty: HashSet<String>,
     disabled: HashSet<String>,
+    /// The newest event time observed (the trail's event-time watermark).
+    watermark: i64,
+    /// The watermark's bucket at the last `close_elapsed` scan.
+    scanned_bucket: i64,
 }
+
+/// How far (event time) the watermark must be past a bucket's end before
+/// `close_elapsed` closes it: CloudTrail delivers regions and accounts with different
+/// lags, so events of a bucket can still come a few minutes after later ones.
+pub const CLOSE_SLACK_SECS: i64 = 300;
 
 impl Detector {
     pub fn new(cfg: BaselineConfig) -> Self {
@@ -477,6 +486,8 @@ impl Detector {
             cache: HashMap::new(),
             dirty: HashSet::new(),
             disabled,
+            watermark: i64::MIN,
+            scanned_bucket: i64::MIN,
         }
     }
 
@@ -524,6 +535,7 @@ impl Detector {
         if !self.dirty.contains(o.principal()) {
             self.dirty.insert(o.principal().to_string());
         }
+        self.watermark = self.watermark.max(o.time);
         if !self.cache.contains_key(o.principal()) {
             let fresh = Baseline {
                 first_seen: o.time,
@@ -777,6 +789,49 @@ impl Detector {
         out
     }
 
+    /// Closes every open rate bucket that ended `CLOSE_SLACK_SECS` or more before the
+    /// newest event seen, as the principal's next call would, and reports the spikes.
+    /// So a burst is reported once the trail has moved past it, not only when the same
+    /// principal calls again (which, after an attack, may be never). Scans at most once
+    /// per 5-minute bucket of event time; the finding ids are those the next call would
+    /// give, so nothing is reported twice.
+    pub fn close_elapsed(&mut self, report: bool) -> Vec<Finding> {
+        let mut out = Vec::new();
+        if self.watermark == i64::MIN {
+            return out;
+        }
+        let now_bucket = self.watermark.div_euclid(BUCKET);
+        if now_bucket <= self.scanned_bucket {
+            return out;
+        }
+        self.scanned_bucket = now_bucket;
+        let horizon = self.watermark - CLOSE_SLACK_SECS;
+        let spikes_on = report && self.enabled("anomaly-rate-spike");
+        for (p, b) in self.cache.iter_mut() {
+            let mut touched = false;
+            for (fam, r) in b.rates.iter_mut() {
+                if r.count == 0 || r.bucket_start + BUCKET > horizon {
+                    continue;
+                }
+                touched = true;
+                if let Some((snap, mean, sd)) = close_bucket(r, &self.cfg) {
+                    if spikes_on {
+                        out.push(spike_finding(p, fam.clone(), &snap, mean, sd));
+                    }
+                }
+                // An empty open bucket: the next call folds it as the idle bucket it is.
+                r.bucket_start += BUCKET;
+                r.count = 0;
+                r.ids.clear();
+                r.first_time.clear();
+            }
+            if touched && !self.dirty.contains(p) {
+                self.dirty.insert(p.clone());
+            }
+        }
+        out
+    }
+
     /// Judges every open rate bucket as if it closed now (end of a replay) and reports
     /// spikes, without changing the baselines.
     pub fn flush(&mut self, report: bool) -> Vec<Finding> {
@@ -804,34 +859,7 @@ impl Detector {
                 continue;
             }
             for (fam, r, mean, sd) in spikes {
-                let summary = format!(
-                    "{p} made {} {fam} calls in 5 minutes from {} vs. usual {mean:.0} ± {sd:.0} per 5 min over {} buckets",
-                    r.count, r.first_time, r.buckets
-                );
-                let id = finding_id(
-                    "anomaly-rate-spike",
-                    &[format!("{p}|{fam}|{}", r.bucket_start)],
-                );
-                out.push(Finding {
-                    id,
-                    kind: Kind::Anomaly,
-                    rule: "anomaly-rate-spike".into(),
-                    severity: Severity::High,
-                    title: "Call rate spike".into(),
-                    summary,
-                    event_ids: r.ids.clone(),
-                    event_name: fam,
-                    event_source: crate::event::KMS_SOURCE.into(),
-                    time: r.first_time.clone(),
-                    principal: Some(p.clone()),
-                    // The stable principal is a role ARN (possibly "ROLE via SERVICE").
-                    principal_role: p
-                        .split(" via ")
-                        .next()
-                        .filter(|r| r.contains(":role/"))
-                        .map(str::to_string),
-                    ..Finding::default()
-                });
+                out.push(spike_finding(&p, fam, &r, mean, sd));
             }
         }
         out
@@ -938,6 +966,41 @@ fn fold(r: &mut Rate, x: f64) {
 /// Judges the open bucket; folds it into the estimate unless it is a spike (a spike must
 /// not teach the baseline that spikes are normal). Returns (snapshot, mean, sd) of a
 /// spike that starts an episode.
+/// The finding for a spike in a bucket closed without a triggering call (`flush`,
+/// `close_elapsed`); its id is the one `observe` gives the same bucket.
+fn spike_finding(p: &str, fam: String, r: &Rate, mean: f64, sd: f64) -> Finding {
+    let summary = format!(
+        "{p} made {} {fam} calls in 5 minutes from {} vs. usual {mean:.0} ± {sd:.0} per 5 min over {} buckets",
+        r.count, r.first_time, r.buckets
+    );
+    let id = finding_id(
+        "anomaly-rate-spike",
+        &[format!("{p}|{fam}|{}", r.bucket_start)],
+    );
+    // The stable principal is a role or user ARN (possibly "ROLE via SERVICE").
+    let arn = p.split(" via ").next().unwrap_or(p);
+    Finding {
+        id,
+        kind: Kind::Anomaly,
+        rule: "anomaly-rate-spike".into(),
+        severity: Severity::High,
+        title: "Call rate spike".into(),
+        summary,
+        event_ids: r.ids.clone(),
+        event_name: fam,
+        event_source: crate::event::KMS_SOURCE.into(),
+        time: r.first_time.clone(),
+        principal: Some(p.to_string()),
+        principal_role: arn.contains(":role/").then(|| arn.to_string()),
+        account: arn
+            .split(':')
+            .nth(4)
+            .filter(|a| a.len() == 12 && a.bytes().all(|b| b.is_ascii_digit()))
+            .map(str::to_string),
+        ..Finding::default()
+    }
+}
+
 fn close_bucket(r: &mut Rate, cfg: &BaselineConfig) -> Option<(Rate, f64, f64)> {
     let x = r.count as f64;
     let sd = r.var.sqrt();
@@ -1017,8 +1080,12 @@ mod tests {
     }
 
     fn obs(t: i64, name: &str, ip: &str, denied: bool) -> Observation {
+        obs_as("arn:aws:iam::1:role/app", t, name, ip, denied)
+    }
+
+    fn obs_as(principal: &str, t: i64, name: &str, ip: &str, denied: bool) -> Observation {
         let mut b = ObservationBuilder::new();
-        b.set(F_PRINCIPAL, Some("arn:aws:iam::1:role/app"));
+        b.set(F_PRINCIPAL, Some(principal));
         b.set(F_TIME, Some(&format!("t{t}")));
         b.set(F_EVENT_ID, Some(&format!("e{t}-{ip}")));
         b.set(F_EVENT_NAME, Some(name));
@@ -1097,6 +1164,91 @@ mod tests {
         );
         let r = &d.cache["arn:aws:iam::1:role/app"].rates["Decrypt"];
         assert!(r.mean < 11.0, "spikes are not learned: {}", r.mean);
+    }
+
+    #[test]
+    fn a_spike_is_judged_once_the_trail_moves_past_it_without_another_call() {
+        // Two detectors see the same history and burst; in one the trail then moves on
+        // through another principal's calls, in the other the bursting principal calls
+        // again. Both report the burst once, with the same id.
+        let app = "arn:aws:iam::111122223333:role/app";
+        let other = "arn:aws:iam::111122223333:role/other";
+        let mut by_trail = Detector::new(BaselineConfig::default());
+        let mut by_call = Detector::new(BaselineConfig::default());
+        let mut t = 0;
+        let mut found = Vec::new();
+        for _ in 0..576 {
+            for j in 0..10 {
+                let o = obs_as(app, t + j, "Decrypt", "10.0.0.1", false);
+                found.extend(by_trail.observe(&o, true));
+                found.extend(by_trail.close_elapsed(true));
+                by_call.observe(&o, true);
+            }
+            t += 300;
+        }
+        for j in 0..400 {
+            let o = obs_as(app, t + j % 300, "Decrypt", "10.0.0.1", false);
+            found.extend(by_trail.observe(&o, true));
+            found.extend(by_trail.close_elapsed(true));
+            by_call.observe(&o, true);
+        }
+        assert!(
+            found.is_empty(),
+            "nothing before the bucket is over: {found:?}"
+        );
+        let burst_end = t + 300;
+        // Another principal's calls up to the slack past the bucket: still open.
+        let o = obs_as(
+            other,
+            burst_end + CLOSE_SLACK_SECS - 1,
+            "Decrypt",
+            "10.0.0.9",
+            false,
+        );
+        by_trail.observe(&o, true);
+        assert!(by_trail.close_elapsed(true).is_empty(), "within the slack");
+        let o = obs_as(
+            other,
+            burst_end + CLOSE_SLACK_SECS + 301,
+            "Decrypt",
+            "10.0.0.9",
+            false,
+        );
+        by_trail.observe(&o, true);
+        let spikes = by_trail.close_elapsed(true);
+        assert_eq!(spikes.len(), 1, "{spikes:?}");
+        assert_eq!(spikes[0].principal.as_deref(), Some(app));
+        assert_eq!(spikes[0].principal_role.as_deref(), Some(app));
+        assert_eq!(spikes[0].account.as_deref(), Some("111122223333"));
+        assert!(
+            spikes[0].summary.contains("400 Decrypt calls"),
+            "{}",
+            spikes[0].summary
+        );
+        assert!(
+            by_trail.take_dirty().iter().any(|(p, _)| p == app),
+            "the close is committed"
+        );
+        // The same principal calling later adds nothing.
+        let later = obs_as(app, burst_end + 3600, "Decrypt", "10.0.0.1", false);
+        assert!(by_trail
+            .observe(&later, true)
+            .iter()
+            .all(|f| f.rule != "anomaly-rate-spike"));
+        // Without the trail moving on, the next call reports it: the same finding.
+        let by_next_call: Vec<_> = by_call
+            .observe(&later, true)
+            .into_iter()
+            .filter(|f| f.rule == "anomaly-rate-spike")
+            .collect();
+        assert_eq!(by_next_call.len(), 1);
+        assert_eq!(by_next_call[0].id, spikes[0].id);
+        // Both baselines learned the same thing from it.
+        let (a, b) = (
+            &by_trail.cache[app].rates["Decrypt"],
+            &by_call.cache[app].rates["Decrypt"],
+        );
+        assert_eq!((a.buckets, a.mean.to_bits()), (b.buckets, b.mean.to_bits()));
     }
 
     #[test]

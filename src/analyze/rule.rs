@@ -93,13 +93,17 @@ enum Deferred {
 
 /// The key conditions of a finding's rule that its event alone could not decide, with
 /// what the event itself said about its key (tags of CreateKey and TagResource, the
-/// alias of CreateAlias and UpdateAlias): the facts used when the finding was not
-/// enriched from the key inventory.
+/// alias of CreateAlias and UpdateAlias) and what earlier events of the replay said
+/// (`carry`): the facts used when the finding was not enriched from the key inventory;
+/// and, when it was, every alias of the key (`set_key_aliases`).
 #[derive(Debug, Clone, Default)]
 pub struct Pending {
     checks: Vec<Deferred>,
     event_tags: BTreeMap<String, String>,
     event_aliases: Vec<String>,
+    /// Every alias of the key, from enrichment (`Finding::key_alias` shows one only), so
+    /// `key:alias` matches any of them.
+    key_aliases: Vec<String>,
 }
 
 impl PartialEq for Pending {
@@ -108,12 +112,39 @@ impl PartialEq for Pending {
         self.checks.len() == other.checks.len()
             && self.event_tags == other.event_tags
             && self.event_aliases == other.event_aliases
+            && self.key_aliases == other.key_aliases
     }
 }
 
 impl Pending {
     pub fn is_empty(&self) -> bool {
         self.checks.is_empty()
+    }
+
+    /// Records every alias of the finding's key, as enrichment read them, for `key:alias`.
+    pub fn set_key_aliases(&mut self, aliases: &[String]) {
+        if !self.checks.is_empty() {
+            self.key_aliases = aliases.to_vec();
+        }
+    }
+
+    /// Adds what earlier events of the same replay said about the key (tags and
+    /// aliases it had then, `analyze::key_facts`) to what the event itself says, which
+    /// wins for a tag both name.
+    pub fn carry(&mut self, tags: &BTreeMap<String, String>, aliases: &[String]) {
+        if self.checks.is_empty() {
+            return;
+        }
+        for (k, v) in tags {
+            self.event_tags
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+        }
+        for a in aliases {
+            if !self.event_aliases.contains(a) {
+                self.event_aliases.push(a.clone());
+            }
+        }
     }
 }
 
@@ -127,7 +158,11 @@ pub fn resolve(f: &mut Finding) -> bool {
         return true;
     }
     let enriched = !f.key_tags.is_empty() || f.key_alias.is_some();
-    let aliases: Vec<String> = f.key_alias.iter().cloned().collect();
+    let aliases: Vec<String> = if p.key_aliases.is_empty() {
+        f.key_alias.iter().cloned().collect()
+    } else {
+        p.key_aliases.clone()
+    };
     let facts = if enriched {
         KeyFacts {
             aliases: &aliases,
@@ -343,6 +378,7 @@ impl Rule {
                 checks,
                 event_tags,
                 event_aliases,
+                key_aliases: Vec::new(),
             };
         }
         Some(f)
@@ -1193,6 +1229,31 @@ match = { all = [ { field = "userIdentity.sessionContext.sessionIssuer.arn", end
         let mut c = eval(&rules, create).remove(0);
         assert!(resolve(&mut c));
         assert_eq!(c.severity, Severity::Critical);
+        // `key:alias` matches any alias of an enriched key, not only the first shown.
+        let dec = r#"{"eventSource":"kms.amazonaws.com","eventName":"Decrypt","eventID":"e4"}"#;
+        let rec = crate::inventory::KeyRecord {
+            aliases: vec!["alias/a-first".into(), "alias/prod-payments".into()],
+            ..Default::default()
+        };
+        let mut d = eval(&rules, dec)
+            .into_iter()
+            .find(|f| f.rule == "prod-only")
+            .unwrap();
+        crate::inventory::apply(&mut d, &rec);
+        assert_eq!(d.key_alias.as_deref(), Some("alias/a-first"));
+        assert!(resolve(&mut d), "the second alias is a prod alias");
+        let mut d = eval(&rules, dec)
+            .into_iter()
+            .find(|f| f.rule == "prod-only")
+            .unwrap();
+        crate::inventory::apply(
+            &mut d,
+            &crate::inventory::KeyRecord {
+                aliases: vec!["alias/a-first".into(), "alias/dev".into()],
+                ..Default::default()
+            },
+        );
+        assert!(!resolve(&mut d), "no prod alias");
         // A match on key facts only, undecided: dropped when it does not hold.
         let dec = r#"{"eventSource":"kms.amazonaws.com","eventName":"Decrypt","eventID":"e3"}"#;
         let mut all = eval(&rules, dec);

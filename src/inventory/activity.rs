@@ -1,7 +1,8 @@
 //! What CloudTrail shows about keys: when each was last seen and last used, and the
-//! latest event that changed it (so the inventory can drop a stale record). Filled by a
 //! latest event that changed it (so the inventory can drop a stale record). Filled by the
-//! replay workers as they decode (`ReplayOptions::track_activity`), not by a second pass.
+//! replay workers as they decode (`ReplayOptions::track_activity`), not by a second pass,
+//! and by the daemon for each file it processes (recorded with the file's commit,
+//! `Inventory::activity_writes`).
 
 use super::parse_time;
 use crate::event::Event;

@@ -35,7 +35,7 @@ pub use api::{retry, ApiCalls, Backoff};
 pub use config::{InventoryConfig, RawInventory};
 
 use crate::analyze::finding::Finding;
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, StateWrite, Store, StoreError};
 use api::{list_aliases, list_keys, read_key};
 use aws_config::SdkConfig;
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,26 @@ pub const TREE: &str = "inventory";
 
 /// Key prefix of the posture findings the daemon reported (value: when).
 pub const REPORTED: &str = "reported/";
+
+/// Key prefix of the CloudTrail activity per key (`Seen`).
+pub const SEEN: &str = "seen/";
+
+/// At most this many keys have their CloudTrail activity recorded (`seen/`): events can
+/// name any key id, and the store must not grow with them without bound. Keys already
+/// recorded are still updated past the cap.
+pub const MAX_SEEN_KEYS: usize = 100_000;
+
+/// What `Inventory::activity_writes` makes of a scan.
+#[derive(Debug, Default)]
+pub struct ActivityWrites {
+    pub writes: Vec<StateWrite>,
+    /// Cached records dropped because an event newer than them changed their key.
+    pub invalidated: usize,
+    /// Keys recorded for the first time.
+    pub new_keys: usize,
+    /// Keys not recorded because `MAX_SEEN_KEYS` was reached.
+    pub dropped: usize,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
@@ -239,6 +259,11 @@ impl Inventory {
         self.roles.keys().map(String::as_str)
     }
 
+    /// The role ARN through which `account`'s keys are read, if any.
+    pub fn role_of(&self, account: &str) -> Option<&str> {
+        self.roles.get(account).map(String::as_str)
+    }
+
     pub fn calls(&self) -> &ApiCalls {
         &self.calls
     }
@@ -317,7 +342,7 @@ impl Inventory {
     }
 
     fn record(&self, key_arn: &str, time: &str, used: bool) -> Result<(), StoreError> {
-        let k = format!("seen/{key_arn}");
+        let k = format!("{SEEN}{key_arn}");
         let mut seen: Seen = self.get_json(&k)?.unwrap_or_default();
         let later = |old: &Option<String>| old.as_deref().is_none_or(|o| o < time);
         let mut changed = false;
@@ -337,7 +362,7 @@ impl Inventory {
 
     pub fn seen(&self, key_arn: &str) -> Result<Seen, StoreError> {
         Ok(self
-            .get_json(&format!("seen/{key_arn}"))?
+            .get_json(&format!("{SEEN}{key_arn}"))?
             .unwrap_or_default())
     }
 
@@ -345,39 +370,103 @@ impl Inventory {
         Ok(self.get_json("coverage")?.unwrap_or_default())
     }
 
-    /// Applies what a scan of CloudTrail saw: last-seen times, coverage, and the
-    /// invalidation of records older than an event that changed their key. Returns how
-    /// many records were invalidated.
-    pub fn apply_activity(&self, activity: &Activity) -> Result<usize, StoreError> {
-        let mut invalidated = 0;
-        for (arn, a) in &activity.keys {
-            if let Some(t) = &a.last_seen {
-                self.record_seen(arn, t)?;
+    /// How many keys have recorded CloudTrail activity (`seen/`); one scan of the prefix.
+    pub fn seen_count(&self) -> Result<usize, StoreError> {
+        let tree = self.store.tree(TREE)?;
+        let mut n = 0;
+        for kv in tree.scan_prefix(SEEN) {
+            kv.map_err(StoreError::from)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The state writes that record what a scan of CloudTrail saw: last-seen and
+    /// last-used times per key (a key the store has no entry for yet is added only while
+    /// fewer than `room` were added, so the `seen/` entries stay at most
+    /// `MAX_SEEN_KEYS`), the coverage, and, with `invalidate`, the removal of cached
+    /// records older than an event that changed their key. Nothing is written: commit
+    /// the writes (with a file's other effects, in the daemon).
+    pub fn activity_writes(
+        &self,
+        activity: &Activity,
+        invalidate: bool,
+        room: usize,
+    ) -> Result<ActivityWrites, StoreError> {
+        let mut out = ActivityWrites::default();
+        let mut arns: Vec<&String> = activity
+            .keys
+            .keys()
+            .filter(|a| region_of_arn(a).is_some())
+            .collect();
+        arns.sort();
+        for arn in arns {
+            let a = &activity.keys[arn];
+            let k = format!("{SEEN}{arn}");
+            let stored: Option<Seen> = self.get_json(&k)?;
+            let known = stored.is_some();
+            let mut seen = stored.unwrap_or_default();
+            let later = |old: &Option<String>, t: &Option<String>| match t {
+                Some(t) if old.as_deref().is_none_or(|o| o < t.as_str()) => Some(t.clone()),
+                _ => None,
+            };
+            let mut changed = false;
+            if let Some(t) = later(&seen.last_seen, &a.last_seen) {
+                seen.last_seen = Some(t);
+                changed = true;
             }
-            if let Some(t) = &a.last_used {
-                self.record_used(arn, t)?;
+            if let Some(t) = later(&seen.last_used, &a.last_used) {
+                seen.last_used = Some(t);
+                changed = true;
             }
-            if let Some(changed) = &a.last_change {
+            if changed {
+                if !known && out.new_keys >= room {
+                    out.dropped += 1;
+                } else {
+                    out.new_keys += usize::from(!known);
+                    out.writes
+                        .push(StateWrite::put(TREE, k, store::encode(&seen)));
+                }
+            }
+            if let (true, Some(changed)) = (invalidate, &a.last_change) {
                 // A record read after the change already shows it; only older ones go.
                 let stale = self
                     .cached(arn)?
                     .is_some_and(|r| r.refreshed_at.as_str() <= changed.as_str());
-                if stale && self.invalidate(arn)? {
-                    invalidated += 1;
+                if stale {
+                    out.writes
+                        .push(StateWrite::delete(TREE, format!("key/{arn}")));
+                    out.invalidated += 1;
                 }
             }
         }
         if let (Some(from), Some(until)) = (&activity.from, &activity.until) {
             let mut c = self.coverage()?;
+            let before = c.clone();
             if c.from.as_deref().is_none_or(|f| from.as_str() < f) {
                 c.from = Some(from.clone());
             }
             if c.until.as_deref().is_none_or(|u| until.as_str() > u) {
                 c.until = Some(until.clone());
             }
-            self.put_json("coverage", &c)?;
+            if c != before {
+                out.writes
+                    .push(StateWrite::put(TREE, "coverage", store::encode(&c)));
+            }
         }
-        Ok(invalidated)
+        Ok(out)
+    }
+
+    /// Applies what a scan of CloudTrail saw (`activity_writes`, with invalidation), in
+    /// one transaction. Returns how many records were invalidated.
+    pub fn apply_activity(&self, activity: &Activity) -> Result<usize, StoreError> {
+        let room = MAX_SEEN_KEYS.saturating_sub(self.seen_count()?);
+        let w = self.activity_writes(activity, true, room)?;
+        self.store.commit(&store::Commit {
+            state: w.writes,
+            ..Default::default()
+        })?;
+        Ok(w.invalidated)
     }
 
     /// A key's record: from the cache when younger than `max_age`, else from the API
@@ -577,10 +666,13 @@ impl Inventory {
     }
 }
 
-/// Copies a key record's alias and tags into a finding.
+/// Copies a key record's alias (the first; all of them for rules' `key:alias`) and tags
+/// into a finding.
 pub fn apply(f: &mut Finding, rec: &KeyRecord) {
     f.key_alias = rec.aliases.first().cloned();
     f.key_tags = rec.tags.clone();
+    // Rules' `key:alias` sees every alias, not only the one shown.
+    f.pending.set_key_aliases(&rec.aliases);
 }
 
 fn is_fresh(rec: &KeyRecord, max_age: Duration, now: i64) -> bool {
@@ -708,5 +800,59 @@ mod tests {
             inv.seen(arn).unwrap().last_seen.as_deref(),
             Some("2026-01-02T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn activity_writes_are_bounded_by_room_and_update_known_keys() {
+        let store = Store::temporary().unwrap();
+        let inv = Inventory::new(store.clone(), None, InventoryOptions::default());
+        let arn = |k: &str| format!("arn:aws:kms:us-east-1:111122223333:key/{k}");
+        let seen = |t: &str| KeyActivity {
+            last_seen: Some(t.into()),
+            last_used: Some(t.into()),
+            ..Default::default()
+        };
+        let mut act = Activity::default();
+        for k in ["a", "b", "c"] {
+            act.keys.insert(arn(k), seen("2026-01-01T00:00:00Z"));
+        }
+        act.keys
+            .insert("alias/not-a-key".into(), seen("2026-01-01T00:00:00Z"));
+        act.from = Some("2026-01-01T00:00:00Z".into());
+        act.until = act.from.clone();
+        let w = inv.activity_writes(&act, false, 2).unwrap();
+        assert_eq!((w.new_keys, w.dropped), (2, 1));
+        store
+            .commit(&store::Commit {
+                state: w.writes,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(inv.seen_count().unwrap(), 2);
+        assert!(inv.coverage().unwrap().from.is_some());
+        // Past the cap, keys already recorded still move forward; new ones do not come in.
+        for a in act.keys.values_mut() {
+            *a = seen("2026-02-01T00:00:00Z");
+        }
+        let w = inv.activity_writes(&act, false, 0).unwrap();
+        assert_eq!((w.new_keys, w.dropped), (0, 1));
+        store
+            .commit(&store::Commit {
+                state: w.writes,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(inv.seen_count().unwrap(), 2);
+        assert_eq!(
+            inv.seen(&arn("a")).unwrap().last_used.as_deref(),
+            Some("2026-02-01T00:00:00Z")
+        );
+        assert_eq!(inv.seen(&arn("c")).unwrap(), Seen::default());
+        // Nothing new: nothing to write.
+        assert!(inv
+            .activity_writes(&act, false, 0)
+            .unwrap()
+            .writes
+            .is_empty());
     }
 }

@@ -20,11 +20,12 @@ pub struct Trail {
 
 impl Trail {
     pub async fn new() -> Trail {
-        Trail::with_moto(Moto::start()).await
+        Trail::new_with(&[]).await
     }
 
-    /// A trail on a moto started with extra environment (e.g. its request recorder).
-    pub async fn with_moto(moto: Moto) -> Trail {
+    /// `new` over a moto started with extra environment (`Moto::start_with`).
+    pub async fn new_with(env: &[(&str, &str)]) -> Trail {
+        let moto = Moto::start_with(env);
         let sdk = moto.sdk("us-east-1").await;
         let s3 = kmsguard::aws::s3_client(
             &sdk,

@@ -618,6 +618,93 @@ fn serve_kms(mut conn: TcpStream, count: &AtomicUsize, throttle: usize) {
     }
 }
 
+/// A role that cannot be assumed costs its account only. moto's STS lets anyone assume
+/// any role, so the fault proxy in front of moto answers AssumeRole of one role with
+/// STS's 403 AccessDenied (as for a trust policy that does not allow the caller). With
+/// two roles, `posture` audits the default credentials' keys in both regions and the
+/// good role's account, reports one `kind: "health"` finding naming the refused account,
+/// its role ARN and the fix, and exits 0, or 1 only when `--fail-on` is at or below the
+/// finding's severity (high).
+#[tokio::test(flavor = "multi_thread")]
+async fn posture_skips_an_account_whose_role_cannot_be_assumed_and_reports_it() {
+    const REFUSED: &str = "777788889999";
+    let moto = Moto::start();
+    let sdk = moto.sdk(EAST).await;
+    let own = kmsguard::aws::kms_client(&sdk, None);
+    let west = kmsguard::aws::kms_client(&moto.sdk(WEST).await, None);
+    let good_role = format!("arn:aws:iam::{OTHER}:role/kmsguard-audit");
+    let bad_role = format!("arn:aws:iam::{REFUSED}:role/kmsguard-audit");
+    let other = kmsguard::aws::kms_client_as(&sdk, EAST, Some(&good_role), "setup").await;
+    let norot = || Spec {
+        rotation: false,
+        ..good()
+    };
+    let east_key = make_key(&own, "alias/own-east", norot()).await;
+    let west_key = make_key(&west, "alias/own-west", norot()).await;
+    let other_key = make_key(&other, "alias/other", norot()).await;
+    let proxy = crate::servers::FaultProxy::start(
+        &moto.endpoint(),
+        &json!({"deny_assume_roles": [bad_role]}),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kmsguard.toml");
+    std::fs::write(
+        &config,
+        format!("[posture]\nregions = [\"{EAST}\", \"{WEST}\"]\n[inventory]\nroles = {{ \"{REFUSED}\" = \"{bad_role}\", \"{OTHER}\" = \"{good_role}\" }}\n"),
+    )
+    .unwrap();
+    let posture = |extra: &[&str]| {
+        let o = run(bin()
+            .envs(proxy.env())
+            .args(["posture", "--format", "jsonl", "--config"])
+            .arg(&config)
+            .args(extra));
+        (
+            jsonl(&stdout(&o)),
+            stderr(&o),
+            o.status.code().unwrap_or(-1),
+        )
+    };
+    let (findings, err, code) = posture(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        proxy.stats()["assume_denied"].as_u64().unwrap_or(0) > 0,
+        "the proxy refused the role: {}",
+        proxy.stats()
+    );
+    let (health, keyed): (Vec<Value>, Vec<Value>) =
+        findings.into_iter().partition(|f| f["kind"] == "health");
+    assert_eq!(
+        by_key(&keyed),
+        BTreeMap::from([
+            (east_key.clone(), set(&["kms-posture-rotation-disabled"])),
+            (west_key.clone(), set(&["kms-posture-rotation-disabled"])),
+            (other_key.clone(), set(&["kms-posture-rotation-disabled"])),
+        ]),
+        "the own account in both regions and the good role's account are audited: {err}"
+    );
+    assert_eq!(health.len(), 1, "one finding for the account: {health:?}");
+    let h = &health[0];
+    assert_eq!(h["rule"], "health-inventory-role");
+    assert_eq!(h["severity"], "high");
+    assert_eq!(h["account"], REFUSED);
+    let summary = h["summary"].as_str().unwrap();
+    for part in [REFUSED, bad_role.as_str(), "sts:AssumeRole", "AccessDenied"] {
+        assert!(summary.contains(part), "{part} in: {summary}");
+    }
+    assert!(err.contains(&format!("1 not audited: {REFUSED}")), "{err}");
+    assert!(
+        err.contains(&format!("warning: account {REFUSED} not audited")),
+        "{err}"
+    );
+
+    let (_, err, code) = posture(&["--fail-on", "critical"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, err, code) = posture(&["--fail-on", "high"]);
+    assert_eq!(code, 1, "the health finding is high: {err}");
+}
+
 async fn sdk_for(endpoint: &str) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(EAST))
@@ -912,7 +999,139 @@ async fn rules_match_key_tags_after_enrichment() {
     );
 }
 
+/// Offline (no --enrich), a replay carries what earlier events said about a key to later
+/// findings' key conditions, through the binary: a TagResource `sensitivity = high` in
+/// one file escalates a ScheduleKeyDeletion of the key in a later file to critical (the
+/// shipped rule), but not one that came before the tag, nor one after an UntagResource
+/// of it, nor one on another key; a CreateAlias `alias/scratch-*` lets a `key:alias`
+/// suppression drop a later DisableKey of that key, until UpdateAlias moves the alias to
+/// another key.
+#[test]
+fn offline_replay_carries_earlier_events_key_facts_to_later_findings() {
+    let key = |k: &str| format!("arn:aws:kms:{EAST}:{ACCT}:key/{k}");
+    let (tagged, untagged, other, scratch) = (
+        key("k-tagged"),
+        key("k-untagged"),
+        key("k-other"),
+        key("k-scratch"),
+    );
+    let at = |h: u32| format!("2026-11-29T{h:02}:00:00Z");
+    let del = |k: &str, h: u32| {
+        record(
+            "ScheduleKeyDeletion",
+            k,
+            &at(h),
+            json!({"pendingWindowInDays": 7}),
+        )
+    };
+    let tag_high = |k: &str, h: u32| {
+        record(
+            "TagResource",
+            k,
+            &at(h),
+            json!({"tags": [{"tagKey": "sensitivity", "tagValue": "high"}]}),
+        )
+    };
+    let alias = |name: &str, k: &str, alias: &str, h: u32| {
+        let mut r = record(
+            name,
+            k,
+            &at(h),
+            json!({"aliasName": alias, "targetKeyId": id(k)}),
+        );
+        r["requestParameters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("keyId");
+        r
+    };
+    let trail = tempfile::tempdir().unwrap();
+    // Two files, in time order; the facts of the first reach the findings of the second.
+    write_trail(
+        trail.path(),
+        "20261129T0000Z",
+        &[
+            del(&tagged, 0),
+            tag_high(&tagged, 1),
+            tag_high(&untagged, 1),
+            alias("CreateAlias", &scratch, "alias/scratch-1", 1),
+        ],
+    );
+    let later = vec![
+        del(&tagged, 3),
+        record(
+            "UntagResource",
+            &untagged,
+            &at(2),
+            json!({"tagKeys": ["sensitivity"]}),
+        ),
+        del(&untagged, 3),
+        del(&other, 3),
+        record("DisableKey", &scratch, &at(3), json!({})),
+        alias("UpdateAlias", &other, "alias/scratch-1", 4),
+        record("DisableKey", &scratch, &at(5), json!({})),
+    ];
+    write_trail(trail.path(), "20261129T0200Z", &later);
+    let rules = trail.path().join("scratch.toml");
+    std::fs::write(
+        &rules,
+        "[[suppress]]\nrules = [\"kms-key-disabled\"]\nreason = \"scratch keys come and go\"\nmatch = { field = \"key:alias\", starts_with = \"alias/scratch-\" }\n",
+    )
+    .unwrap();
+    let rules_arg = rules.to_str().unwrap().to_string();
+    let (found, err, code) = replay_jsonl(
+        &[trail.path()],
+        &["--no-baselines", "--extra-rules", &rules_arg],
+    );
+    assert_eq!(code, 0, "{err}");
+    let got: BTreeSet<(String, String, String, String)> = found
+        .iter()
+        .filter(|f| f["rule"] == "kms-key-deletion-scheduled" || f["rule"] == "kms-key-disabled")
+        .map(|f| {
+            (
+                f["rule"].as_str().unwrap().to_string(),
+                strs(&f["keys"]).pop().unwrap(),
+                f["time"].as_str().unwrap().to_string(),
+                f["severity"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let row =
+        |r: &str, k: &str, h: u32, s: &str| (r.to_string(), k.to_string(), at(h), s.to_string());
+    assert_eq!(
+        got,
+        BTreeSet::from([
+            row("kms-key-deletion-scheduled", &tagged, 0, "high"),
+            row("kms-key-deletion-scheduled", &tagged, 3, "critical"),
+            row("kms-key-deletion-scheduled", &untagged, 3, "high"),
+            row("kms-key-deletion-scheduled", &other, 3, "high"),
+            row("kms-key-disabled", &scratch, 5, "high"),
+        ]),
+        "{err}"
+    );
+    // The facts decide conditions only: offline, findings show no key tags or alias.
+    assert!(
+        !found
+            .iter()
+            .any(|f| f["key_tags"].is_object() || f["key_alias"].is_string()),
+        "offline: nothing enriched"
+    );
+}
+
 /// Lines of the daemon's JSON log whose message is `msg`.
+/// Waits up to a minute for `cond`, failing with the daemon's log when it never holds.
+fn wait_for_daemon(log: &Path, what: &str, cond: &dyn Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn log_lines(log: &Path, msg: &str) -> Vec<Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
@@ -949,17 +1168,7 @@ async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
     let log = work.path().join("daemon.log");
     let mut daemon = trail.start(&cfg, &log);
     let refreshes = || log_lines(&log, "inventory refreshed");
-    let wait_for = |what: &str, cond: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !cond() {
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not happen; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| wait_for_daemon(&log, what, cond);
     wait_for("a first refresh", &|| !refreshes().is_empty());
     let first = refreshes().remove(0);
     assert_eq!(first["keys"], 1, "{first}");
@@ -1013,6 +1222,103 @@ async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
     assert_eq!(f["key_alias"], "alias/ledger", "{f}");
     assert_eq!(f["key_tags"]["sensitivity"], "high");
     assert_eq!(f["severity"], "critical", "escalated by the key's tag");
+
+    sigterm(&daemon);
+    let (code, _) = wait_exit(&mut daemon, Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+}
+
+/// The daemon records, with each processed CloudTrail file, when it showed each key, so
+/// its scheduled refresh runs the use-based checks. Against moto with keys 200 days old:
+/// before any file, neither check is evaluated (no history); a file with a Decrypt on
+/// `busy` an hour ago and a DescribeKey on it 40 days ago (the history reaches back over
+/// `unused_days = 30`) makes the next refresh report `idle`, never in CloudTrail, as
+/// unused (and not `busy`); disabling `busy` through the SDK makes a later refresh report
+/// it disabled while in use. Each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_records_key_use_and_its_refresh_reports_unused_and_disabled_in_use_keys() {
+    use crate::daemon::{sigterm, sink, wait_exit, Trail};
+    let age = (200 * 86_400).to_string();
+    let trail = Trail::new_with(&[("KMSGUARD_MOTO_KEY_AGE_SECS", &age)]).await;
+    let kms = kmsguard::aws::kms_client(&trail.moto.sdk(EAST).await, None);
+    let busy = make_key(&kms, "alias/busy", good()).await;
+    let idle = make_key(&kms, "alias/idle", good()).await;
+    let work = tempfile::tempdir().unwrap();
+    let cfg = trail.config(
+        work.path(),
+        "\n[inventory]\nrefresh = \"2s\"\n\n[posture]\nrequired_tags = [\"owner\"]\nunused_days = 30\nrecent_use_days = 30\n",
+    );
+    let log = work.path().join("daemon.log");
+    let mut daemon = trail.start(&cfg, &log);
+    let refreshes = || log_lines(&log, "inventory refreshed");
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| wait_for_daemon(&log, what, cond);
+    let posture = || {
+        by_key(
+            &sink(work.path())
+                .into_iter()
+                .filter(|f| f["kind"] == "posture")
+                .collect::<Vec<_>>(),
+        )
+    };
+    wait_for("two refreshes", &|| refreshes().len() >= 2);
+    assert_eq!(
+        posture(),
+        BTreeMap::new(),
+        "no CloudTrail history yet: nothing to say"
+    );
+
+    let records = json!({"Records": [
+        record("DescribeKey", &busy, &ts(-40 * 86_400), json!({})),
+        record("Decrypt", &busy, &ts(-3600), json!({})),
+    ]});
+    trail
+        .put(
+            format!("AWSLogs/{ACCT}/CloudTrail/{EAST}/2026/11/29/{ACCT}_CloudTrail_{EAST}_20261129T0000Z_u.json"),
+            records.to_string().into_bytes(),
+        )
+        .await;
+    wait_for("the unused-key finding", &|| !posture().is_empty());
+    assert_eq!(
+        posture(),
+        BTreeMap::from([(idle.clone(), set(&["kms-posture-unused-key"]))]),
+        "only the key CloudTrail never showed is unused"
+    );
+
+    kms.disable_key()
+        .key_id(id(&busy))
+        .send()
+        .await
+        .expect("disable key");
+    wait_for("the disabled-in-use finding", &|| {
+        posture().contains_key(&busy)
+    });
+    let seen = refreshes().len();
+    wait_for("two more refreshes", &|| refreshes().len() >= seen + 2);
+    assert_eq!(
+        posture(),
+        BTreeMap::from([
+            (idle.clone(), set(&["kms-posture-unused-key"])),
+            (busy.clone(), set(&["kms-posture-unusable-key-in-use"])),
+        ])
+    );
+    let found: Vec<Value> = sink(work.path())
+        .into_iter()
+        .filter(|f| f["kind"] == "posture")
+        .collect();
+    assert_eq!(found.len(), 2, "each exactly once: {found:?}");
+    let f = found
+        .iter()
+        .find(|f| f["rule"] == "kms-posture-unusable-key-in-use")
+        .unwrap();
+    assert_eq!(f["severity"], "high");
+    assert_eq!(f["key_alias"], "alias/busy");
+    assert!(
+        f["summary"]
+            .as_str()
+            .unwrap()
+            .contains("is disabled but CloudTrail shows it used"),
+        "{f}"
+    );
 
     sigterm(&daemon);
     let (code, _) = wait_exit(&mut daemon, Duration::from_secs(30));

@@ -61,10 +61,10 @@ async fn kms(trail: &Trail) -> aws_sdk_kms::Client {
 /// recorder): what kmsguard really sent, whatever its reports say.
 async fn recorded_trail(file: &Path) -> Trail {
     let path = file.to_str().unwrap();
-    Trail::with_moto(Moto::start_with(&[
+    Trail::new_with(&[
         ("MOTO_ENABLE_RECORDING", "1"),
         ("MOTO_RECORDER_FILEPATH", path),
-    ]))
+    ])
     .await
 }
 

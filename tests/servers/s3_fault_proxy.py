@@ -13,10 +13,14 @@ CONFIG_JSON (all optional):
                  in the middle and the connection reset (TCP RST)
     match        a substring of the keys that get_errors and get_resets apply to
     poison       key substrings whose GetObject always fails with 503 SlowDown
+    deny_assume_roles
+                 role ARNs whose STS AssumeRole is refused with 403 AccessDenied, as
+                 STS does when the role's trust policy does not allow the caller (moto
+                 lets anyone assume any role)
 
 GET /__faults/stats answers what happened, as JSON (no S3 bucket can be named
 `__faults`): requests seen per kind, failures injected, resets, GetObject requests per
-key.
+key, AssumeRole requests refused (`assume_denied`).
 """
 
 import http.client
@@ -41,6 +45,7 @@ STATS = {
     "list_errors": 0,
     "resets": 0,
     "poisoned": 0,
+    "assume_denied": 0,
     "per_key": {},
 }
 ERRORS = [
@@ -99,6 +104,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         kind, key = classify(self.command, url.path, url.query)
         fault = None
+        if self.command == "POST" and CONFIG.get("deny_assume_roles"):
+            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+            role = (form.get("RoleArn") or [""])[0]
+            if form.get("Action") == ["AssumeRole"] and role in CONFIG["deny_assume_roles"]:
+                with LOCK:
+                    STATS["assume_denied"] += 1
+                xml = (
+                    '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error>'
+                    "<Type>Sender</Type><Code>AccessDenied</Code><Message>User: arn:aws:iam::"
+                    "123456789012:user/moto is not authorized to perform: sts:AssumeRole on "
+                    "resource: %s</Message></Error><RequestId>fault-proxy</RequestId></ErrorResponse>"
+                    % role
+                ).encode()
+                return self.answer(403, xml, "text/xml")
         with LOCK:
             if kind == "get":
                 STATS["get"] += 1
