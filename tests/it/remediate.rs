@@ -970,6 +970,105 @@ async fn remediation_in_replay_needs_the_flag_and_skips_old_events() {
     );
 }
 
+/// A changing call that fails: KMS answers 500 KMSInternalException (injected by the
+/// fault proxy in front of moto, which never fails on its own). Once: the call is retried
+/// and the action performed, the finding counting both attempts. Every time: the action
+/// is reported `failed` after `retries` + 1 attempts with KMS's error, and the key is left
+/// as it was. The proxy's own counts say how many requests really reached it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_change_is_retried_and_then_reported() {
+    use crate::servers::FaultProxy;
+    let trail = Trail::new().await;
+    let kms = kms(&trail).await;
+    let work = tempfile::tempdir().unwrap();
+    let (id, arn) = key(&kms, false).await;
+    kms.disable_key().key_id(&id).send().await.unwrap();
+    let dir = work.path().join("AWSLogs");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("f.json.gz"),
+        gz_file(&[record(
+            "ev-disable",
+            &now_iso(),
+            "DisableKey",
+            &arn,
+            json!({"keyId": id}),
+            Value::Null,
+        )]),
+    )
+    .unwrap();
+    let cfg = work.path().join("replay.toml");
+    std::fs::write(
+        &cfg,
+        format!("[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\nretries = 2\nretry_base_ms = 10\n"),
+    )
+    .unwrap();
+    let remediate = |proxy: &FaultProxy| {
+        let o = run(bin()
+            .args([
+                "replay",
+                "--format",
+                "jsonl",
+                "--no-baselines",
+                "--remediate",
+                "--config",
+            ])
+            .arg(&cfg)
+            .arg(&dir)
+            .envs(proxy.env()));
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let findings = jsonl(&stdout(&o));
+        let rem: Vec<Value> = remediations(&findings).into_iter().cloned().collect();
+        assert_eq!(rem.len(), 1, "{rem:#?}");
+        rem[0]["action"].clone()
+    };
+    let enable_call = |a: &Value| -> Value {
+        a["calls"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["operation"] == "EnableKey"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no EnableKey call: {a}"))
+    };
+
+    // A transient failure: retried, then done.
+    let proxy = FaultProxy::start(
+        &trail.moto.endpoint(),
+        &json!({"kms_errors": {"EnableKey": 1}}),
+    );
+    let a = remediate(&proxy);
+    assert_eq!(a["outcome"], "performed", "{a}");
+    let call = enable_call(&a);
+    assert_eq!(call["attempts"], 2, "{call}");
+    assert!(
+        call["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+        "{call}"
+    );
+    let stats = proxy.stats();
+    assert_eq!(stats["kms_errors"]["EnableKey"], 1, "{stats}");
+    assert_eq!(stats["kms"]["EnableKey"], 2, "{stats}");
+    assert_eq!(state(&kms, &id).await, "Enabled");
+
+    // A lasting failure: every attempt fails, the action is reported failed.
+    kms.disable_key().key_id(&id).send().await.unwrap();
+    let proxy = FaultProxy::start(
+        &trail.moto.endpoint(),
+        &json!({"kms_errors": {"EnableKey": 100}}),
+    );
+    let a = remediate(&proxy);
+    assert_eq!(a["outcome"], "failed", "{a}");
+    let call = enable_call(&a);
+    assert_eq!(call["attempts"], 3, "retries = 2: {call}");
+    assert!(
+        call["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("KMSInternalException")),
+        "{call}"
+    );
+    let stats = proxy.stats();
+    assert_eq!(stats["kms"]["EnableKey"], 3, "{stats}");
+    assert_eq!(state(&kms, &id).await, "Disabled", "nothing changed");
+}
+
 const GOOD_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Sid":"root","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"kms:*","Resource":"*"},{"Sid":"app","Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:role/app"},"Action":"kms:Decrypt","Resource":"*"}]}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,4 @@
-"""An HTTP proxy in front of moto that injects the S3 failures moto cannot: 503 SlowDown
+"""An HTTP proxy in front of moto that injects the failures moto cannot: S3's 503 SlowDown
 and 500 InternalError answers (S3's XML error bodies) and connections reset in the
 middle of a GetObject body. Everything else is forwarded to moto unchanged (SQS too, so
 the daemon can use it as its one endpoint). Standard library only.
@@ -17,10 +17,14 @@ CONFIG_JSON (all optional):
                  role ARNs whose STS AssumeRole is refused with 403 AccessDenied, as
                  STS does when the role's trust policy does not allow the caller (moto
                  lets anyone assume any role)
+    kms_errors   {"Operation": N}: the first N KMS requests of that operation
+                 (X-Amz-Target TrentService.Operation) fail with 500
+                 KMSInternalException, as KMS answers when it has an internal error
 
 GET /__faults/stats answers what happened, as JSON (no S3 bucket can be named
 `__faults`): requests seen per kind, failures injected, resets, GetObject requests per
-key, AssumeRole requests refused (`assume_denied`).
+key, AssumeRole requests refused (`assume_denied`), KMS requests per operation
+(`kms`) and KMS failures injected per operation (`kms_errors`).
 """
 
 import http.client
@@ -47,6 +51,8 @@ STATS = {
     "poisoned": 0,
     "assume_denied": 0,
     "per_key": {},
+    "kms": {},
+    "kms_errors": {},
 }
 ERRORS = [
     (503, "SlowDown", "Please reduce your request rate."),
@@ -118,6 +124,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     % role
                 ).encode()
                 return self.answer(403, xml, "text/xml")
+        target = self.headers.get("X-Amz-Target") or ""
+        if target.startswith("TrentService."):
+            op = target.split(".", 1)[1]
+            with LOCK:
+                STATS["kms"][op] = STATS["kms"].get(op, 0) + 1
+                failed = STATS["kms_errors"].get(op, 0)
+                inject = failed < CONFIG.get("kms_errors", {}).get(op, 0)
+                if inject:
+                    STATS["kms_errors"][op] = failed + 1
+            if inject:
+                body = json.dumps(
+                    {"__type": "KMSInternalException", "message": "injected by the fault proxy"}
+                ).encode()
+                return self.answer(500, body, "application/x-amz-json-1.1")
         with LOCK:
             if kind == "get":
                 STATS["get"] += 1
