@@ -675,8 +675,12 @@ impl Detector {
                 if let Some(s) = close_bucket(r, cfg) {
                     spike = Some((fam.to_string(), s.0, s.1, s.2));
                 }
-                // Idle buckets in between count as zeros (capped: a day of them).
+                // Idle buckets in between count as zeros (capped: a day of them), and
+                // end a spike episode: a burst after a quiet gap is a new one.
                 let idle = ((bucket - r.bucket_start) / BUCKET - 1).clamp(0, 288);
+                if idle > 0 {
+                    r.in_spike = false;
+                }
                 for _ in 0..idle {
                     fold(r, 0.0);
                 }
@@ -1249,6 +1253,36 @@ mod tests {
             &by_call.cache[app].rates["Decrypt"],
         );
         assert_eq!((a.buckets, a.mean.to_bits()), (b.buckets, b.mean.to_bits()));
+    }
+
+    #[test]
+    fn a_burst_after_a_quiet_gap_is_a_new_episode() {
+        let mut d = Detector::new(BaselineConfig::default());
+        let mut t = 0;
+        for _ in 0..576 {
+            for j in 0..10 {
+                d.observe(&obs(t + j, "Decrypt", "10.0.0.1", false), true);
+            }
+            t += 300;
+        }
+        let mut spikes = 0;
+        for _ in 0..2 {
+            // A burst, then an hour with no call at all.
+            for j in 0..400 {
+                spikes += d
+                    .observe(&obs(t + j % 300, "Decrypt", "10.0.0.1", false), true)
+                    .iter()
+                    .filter(|f| f.rule == "anomaly-rate-spike")
+                    .count();
+            }
+            t += 3600;
+        }
+        spikes += d
+            .observe(&obs(t, "Decrypt", "10.0.0.1", false), true)
+            .iter()
+            .filter(|f| f.rule == "anomaly-rate-spike")
+            .count();
+        assert_eq!(spikes, 2, "each burst is its own finding");
     }
 
     #[test]
