@@ -19,6 +19,9 @@
 //!
 //! The analyzer adds each finding's key alias and tags from the inventory's cache (no
 //! API call) and decides the rules' key conditions (`rule::resolve`) before committing.
+//! With `[inventory] refresh`, it also hands every key a committed file shows changed
+//! (`inventory::invalidates`) to the re-reader (`reread_loop`), which reads just that key
+//! from the KMS API a few seconds later, so the cache does not wait for the next refresh.
 
 use crate::analyze::baseline::Detector;
 use crate::analyze::finding::{finding_id, Finding, Kind, Severity};
@@ -213,6 +216,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         cfg: cfg.clone(),
     });
 
+    let mut tasks = tokio::task::JoinSet::new();
+    // Keys that committed files show changed, for the re-reader (with a refresh only).
+    let (rereads_tx, rereads_rx) = match cfg.inventory.refresh {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel::<Reread>(REREAD_QUEUE);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     // The analyzer: a plain thread, the only writer of baselines and commits. It must
     // not hold `Shared` (which owns the job sender), or the job channel would never close.
     let analyzer = {
@@ -232,6 +244,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     .seen_count()?,
             ),
             seen_cap_logged: Default::default(),
+            rereads: rereads_tx,
         };
         let det = Detector::new(cfg.baseline.clone());
         std::thread::Builder::new()
@@ -241,6 +254,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     let mut refresher = None;
     if let Some(every) = cfg.inventory.refresh {
+        if let Some(rx) = rereads_rx {
+            tasks.spawn(reread_loop(
+                store.clone(),
+                sdk.clone(),
+                cfg.inventory.roles.clone(),
+                metrics.clone(),
+                rx,
+                REREAD_DEBOUNCE,
+                shutdown_rx.clone(),
+            ));
+        }
         refresher = Some(tokio::spawn(refresh_loop(
             shared.clone(),
             sdk.clone(),
@@ -249,7 +273,6 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         )));
     }
 
-    let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -918,7 +941,29 @@ struct Committer {
     seen_keys: std::sync::atomic::AtomicUsize,
     /// Whether the cap was reported in the log already.
     seen_cap_logged: std::sync::atomic::AtomicBool,
+    /// The re-reader's queue (with `[inventory] refresh`): keys a committed file showed
+    /// changed. Never waited on: when it is full, the scheduled refresh catches up.
+    rereads: Option<mpsc::Sender<Reread>>,
 }
+
+/// A key to read again from the KMS API: its ARN and the time of the latest event that
+/// changed it.
+#[derive(Debug)]
+struct Reread {
+    arn: String,
+    changed_at: String,
+}
+
+/// Distinct keys waiting to be re-read (and the queue from the analyzer): more are left
+/// to the scheduled refresh.
+const REREAD_QUEUE: usize = 256;
+
+/// A key is re-read this long after the first change of a burst (later changes of the
+/// key within it are read by the same read).
+const REREAD_DEBOUNCE: Duration = Duration::from_secs(3);
+
+/// One re-read's time bound (it retries throttling with backoff meanwhile).
+const REREAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Detector) {
     while let Some(job) = jobs.blocking_recv() {
@@ -991,8 +1036,9 @@ fn analyze_job(
         }
     }
     // When CloudTrail showed each key, with the file: the refresh's use-based checks.
-    // Cached records are not invalidated here: a refresh re-reads every key anyway, and
-    // until it does, enrichment is better served by a slightly old record than by none.
+    // Cached records are not dropped here: the re-reader (with `[inventory] refresh`)
+    // replaces the records of the keys the file changed a few seconds after the commit,
+    // and until then enrichment is better served by a slightly old record than by none.
     let mut new_seen = 0;
     if let Some(act) = &activity {
         let recorded = shared.seen_keys.load(Ordering::Relaxed);
@@ -1023,6 +1069,26 @@ fn analyze_job(
     // every 500 ms, and a kill -9 in between would lose a file whose message is gone.
     shared.store.flush()?;
     shared.seen_keys.fetch_add(new_seen, Ordering::Relaxed);
+    // Keys the file showed changed: re-read soon, in the background (after the commit,
+    // so a redelivered file that changes nothing here asks for nothing).
+    if let (Some(tx), Some(act)) = (&shared.rereads, &activity) {
+        let mut changed: Vec<(&String, &String)> = act
+            .keys
+            .iter()
+            .filter(|(arn, _)| crate::inventory::region_of_arn(arn).is_some())
+            .filter_map(|(arn, a)| a.last_change.as_ref().map(|t| (arn, t)))
+            .collect();
+        changed.sort();
+        for (arn, t) in changed {
+            let r = Reread {
+                arn: arn.clone(),
+                changed_at: t.clone(),
+            };
+            if tx.try_send(r).is_err() {
+                shared.metrics.error("inventory-reread-dropped");
+            }
+        }
+    }
     for sink in shared.sinks.iter() {
         sink.note_committed(&findings);
     }
@@ -1159,6 +1225,89 @@ async fn refresh_loop(
             secs = started.elapsed().as_secs_f64(),
             "inventory refreshed"
         );
+    }
+}
+
+/// The targeted re-read (with `[inventory] refresh`): keys a processed file showed
+/// changed arrive from the analyzer; each is read from the KMS API (`Inventory::reread`:
+/// DescribeKey, aliases, tags, rotation, policy, grants, through its account's role)
+/// `debounce` after it first arrived, so a burst of changes costs one read, and stored
+/// with the record it replaces kept as `previous/` (remediation's state before a change).
+/// At most `REREAD_QUEUE` distinct keys wait; one read at a time, each bounded; a failed
+/// read is logged and left to the next scheduled refresh. The analyzer never waits on it.
+async fn reread_loop(
+    store: Store,
+    sdk: aws_config::SdkConfig,
+    roles: crate::aws::Roles,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Reread>,
+    debounce: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tokio::time::Instant;
+    let inv = crate::inventory::Inventory::new(store, Some(sdk), Default::default())
+        .with_roles(roles);
+    // Key -> (when to read it, the latest change time asked for).
+    let mut pending: HashMap<String, (Instant, String)> = HashMap::new();
+    let mut open = true;
+    while open || !pending.is_empty() {
+        let next = pending.values().map(|(at, _)| *at).min();
+        tokio::select! {
+            got = rx.recv(), if open => match got {
+                Some(r) => {
+                    let full = pending.len() >= REREAD_QUEUE;
+                    match pending.get_mut(&r.arn) {
+                        Some((_, t)) => {
+                            if r.changed_at > *t {
+                                *t = r.changed_at;
+                            }
+                        }
+                        None if full => metrics.error("inventory-reread-dropped"),
+                        None => {
+                            pending.insert(r.arn, (Instant::now() + debounce, r.changed_at));
+                        }
+                    }
+                }
+                None => open = false,
+            },
+            _ = tokio::time::sleep_until(next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if next.is_some() => {
+                let now = Instant::now();
+                let mut due: Vec<(String, String)> = pending
+                    .iter()
+                    .filter(|(_, (at, _))| *at <= now)
+                    .map(|(k, (_, t))| (k.clone(), t.clone()))
+                    .collect();
+                due.sort();
+                for (arn, changed_at) in due {
+                    pending.remove(&arn);
+                    let started = std::time::Instant::now();
+                    let calls = inv.calls().total();
+                    let read = tokio::select! {
+                        r = tokio::time::timeout(REREAD_TIMEOUT, inv.reread(&arn, &changed_at)) => r,
+                        _ = shutdown.changed() => return,
+                    };
+                    match read {
+                        Ok(Ok(rec)) => info!(
+                            key = %arn,
+                            changed_at = %changed_at,
+                            refreshed_at = %rec.refreshed_at,
+                            api_calls = inv.calls().total() - calls,
+                            secs = started.elapsed().as_secs_f64(),
+                            "inventory key re-read"
+                        ),
+                        Ok(Err(e)) => {
+                            metrics.error("inventory-reread");
+                            warn!(key = %arn, error = %e, "cannot re-read a changed key; the next scheduled refresh reads it");
+                        }
+                        Err(_) => {
+                            metrics.error("inventory-reread");
+                            warn!(key = %arn, secs = REREAD_TIMEOUT.as_secs(), "re-reading a changed key took too long; the next scheduled refresh reads it");
+                        }
+                    }
+                }
+            },
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

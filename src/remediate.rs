@@ -469,12 +469,14 @@ impl Engine {
                 );
             }
         }
-        let cached = self
+        // The key's current record and the one it replaced (newest first).
+        let records = self
             .inventory
             .as_ref()
-            .and_then(|i| i.cached(&p.key_arn).ok().flatten());
+            .and_then(|i| i.records(&p.key_arn).ok())
+            .unwrap_or_default();
         let state = before.get("key_state").cloned().unwrap_or_default();
-        let prior = self.prior(f, p, cached.as_ref());
+        let prior = self.prior(f, p, &records);
 
         // Decide the calls.
         let mut calls: Vec<ApiCallReport> = Vec::new();
@@ -542,10 +544,10 @@ impl Engine {
                 // The newest closed policy seen: the inventory's (read through the API)
                 // or one from a PutKeyPolicy/CreateKey event.
                 let closed = |pol: &String| policy_text_is_open(pol, &p.account) == Some(false);
-                let from_api = cached
-                    .as_ref()
-                    .and_then(|r| r.policy.clone().map(|pol| (r.refreshed_at.clone(), pol, format!("inventory snapshot of {}", r.refreshed_at))))
-                    .filter(|(_, pol, _)| closed(pol));
+                let from_api = records
+                    .iter()
+                    .filter_map(|r| r.policy.clone().map(|pol| (r.refreshed_at.clone(), pol, format!("inventory snapshot of {}", r.refreshed_at))))
+                    .find(|(_, pol, _)| closed(pol));
                 let from_event = self
                     .tree
                     .as_ref()
@@ -674,15 +676,19 @@ impl Engine {
     }
 
     /// What kmsguard knows of the key before the triggering event: the newer of the
-    /// key inventory's record (when it was read at or before the event's time; in the
-    /// daemon, what `[inventory] refresh` stored) and the newest earlier event recorded
-    /// for the key (`history`). Each fact comes with a description of its source.
-    fn prior(&self, f: &Finding, p: &Plan, cached: Option<&inventory::KeyRecord>) -> Prior {
+    /// key inventory's newest record read at or before the event's time (of the current
+    /// record and the one it replaced, `records`; in the daemon, what `[inventory]
+    /// refresh` and its re-reads stored) and the newest earlier event recorded for the
+    /// key (`history`). Each fact comes with a description of its source.
+    fn prior(&self, f: &Finding, p: &Plan, records: &[inventory::KeyRecord]) -> Prior {
         let event_time = parse_time(&f.time);
         // A record read after the event shows the state after it, not before.
-        let cached = cached.filter(
-            |r| matches!((parse_time(&r.refreshed_at), event_time), (Some(r), Some(e)) if r <= e),
-        );
+        let cached = records
+            .iter()
+            .filter(|r| {
+                matches!((parse_time(&r.refreshed_at), event_time), (Some(r), Some(e)) if r <= e)
+            })
+            .max_by_key(|r| parse_time(&r.refreshed_at));
         let events = self
             .tree
             .as_ref()

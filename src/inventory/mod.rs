@@ -6,6 +6,9 @@
 //!
 //! Tree layout (values are JSON, see `store::encode`):
 //! - `key/<key ARN>` -> `KeyRecord` (dropped by `invalidate` when an event changes the key)
+//! - `previous/<key ARN>` -> `KeyRecord`: the record a later read replaced (one per key,
+//!   see `put_after`), so remediation can still find a record read before a change once
+//!   the daemon re-read the key after it
 //! - `seen/<key ARN>` -> `Seen` (last time CloudTrail showed the key, and last crypto use;
 //!   kept apart so a refresh or an invalidation never forgets it)
 //! - `coverage` -> `Coverage` (the span of CloudTrail time the `seen` entries cover)
@@ -48,6 +51,12 @@ pub const TREE: &str = "inventory";
 
 /// Key prefix of the posture findings the daemon reported (value: when).
 pub const REPORTED: &str = "reported/";
+
+/// Key prefix of a key's current record.
+pub const KEY: &str = "key/";
+
+/// Key prefix of the record a later read of the key replaced (at most one per key).
+pub const PREVIOUS: &str = "previous/";
 
 /// Key prefix of the CloudTrail activity per key (`Seen`).
 pub const SEEN: &str = "seen/";
@@ -318,8 +327,64 @@ impl Inventory {
         self.get_json(&format!("key/{key_arn}"))
     }
 
+    /// The record read before the current one (`previous/`), whatever its age.
+    pub fn previous(&self, key_arn: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.get_json(&format!("{PREVIOUS}{key_arn}"))
+    }
+
+    /// The key's current and previous records (those there are), newest first.
+    pub fn records(&self, key_arn: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let mut out: Vec<KeyRecord> = self
+            .cached(key_arn)?
+            .into_iter()
+            .chain(self.previous(key_arn)?)
+            .collect();
+        out.sort_by(|a, b| b.refreshed_at.cmp(&a.refreshed_at));
+        Ok(out)
+    }
+
+    /// Stores a key's record read from the API (`put_after` without a known change).
     pub fn put(&self, rec: &KeyRecord) -> Result<(), StoreError> {
-        self.put_json(&format!("key/{}", rec.arn), rec)
+        self.put_after(rec, None)
+    }
+
+    /// Stores a key's record and keeps one record it replaces as `previous/`: the
+    /// newest of the replaced record and the kept previous one that was read at or
+    /// before `changed_at` (the change that made the caller re-read the key: that one
+    /// still shows the key before it), else the replaced record. Atomic (one sled
+    /// transaction), so a scheduled refresh and a re-read of the same key cannot lose
+    /// a record between them.
+    pub fn put_after(&self, rec: &KeyRecord, changed_at: Option<&str>) -> Result<(), StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let tree = self.store.tree(TREE)?;
+        let (kk, pk) = (format!("{KEY}{}", rec.arn), format!("{PREVIOUS}{}", rec.arn));
+        let value = store::encode(rec);
+        let result: Result<(), TransactionError<()>> = tree.transaction(|t| {
+            let read = |k: &str| -> Result<Option<KeyRecord>, ConflictableTransactionError<()>> {
+                Ok(t.get(k.as_bytes())?
+                    .and_then(|v| store::decode::<KeyRecord>(TREE, k, &v).ok()))
+            };
+            if let Some(current) = read(&kk)? {
+                let previous = read(&pk)?;
+                let before_change = |r: &KeyRecord| {
+                    changed_at.is_some_and(|c| r.refreshed_at.as_str() <= c)
+                };
+                let keep = match previous {
+                    Some(p) if !before_change(&current) && before_change(&p) => p,
+                    _ => current,
+                };
+                t.insert(pk.as_bytes(), store::encode(&keep))?;
+            }
+            t.insert(kk.as_bytes(), value.clone())?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
+            Err(TransactionError::Abort(())) => Err(StoreError::Sled(
+                sled::Error::ReportableBug("transaction aborted".into()),
+            )),
+        }
     }
 
     /// Drops a key's cached record (an event changed the key); true when there was one.
@@ -477,6 +542,23 @@ impl Inventory {
                 return Ok(rec);
             }
         }
+        let rec = self.read(key_arn).await?;
+        self.put(&rec)?;
+        Ok(rec)
+    }
+
+    /// Re-reads a key from the API whatever the cache holds, after a CloudTrail event
+    /// at `changed_at` changed it (the daemon's targeted re-read), and stores the record
+    /// (`put_after`: the record read before the change stays as `previous/`).
+    pub async fn reread(&self, key_arn: &str, changed_at: &str) -> Result<KeyRecord, InventoryError> {
+        let rec = self.read(key_arn).await?;
+        self.put_after(&rec, Some(changed_at))?;
+        Ok(rec)
+    }
+
+    /// Reads one key from the API (DescribeKey, tags, rotation, policy, grants, and its
+    /// aliases), through its account's role when `roles` lists it. Stores nothing.
+    async fn read(&self, key_arn: &str) -> Result<KeyRecord, InventoryError> {
         let region = region_of_arn(key_arn).ok_or_else(|| InventoryError::Api {
             op: "DescribeKey",
             region: "?".into(),
@@ -508,7 +590,6 @@ impl Inventory {
             Err(e) if e.is_unreachable() => return Err(e),
             Err(e) => rec.errors.push(e.to_string()),
         }
-        self.put(&rec)?;
         Ok(rec)
     }
 
@@ -800,6 +881,48 @@ mod tests {
             inv.seen(arn).unwrap().last_seen.as_deref(),
             Some("2026-01-02T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn a_replaced_record_is_kept_as_previous_the_one_read_before_the_change_first() {
+        let store = Store::temporary().unwrap();
+        let inv = Inventory::new(store, None, InventoryOptions::default());
+        let arn = "arn:aws:kms:us-east-1:111122223333:key/k1";
+        let rec = |at: &str, state: &str| KeyRecord {
+            arn: arn.into(),
+            state: state.into(),
+            refreshed_at: at.into(),
+            ..Default::default()
+        };
+        let times = |inv: &Inventory| -> Vec<String> {
+            inv.records(arn)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.refreshed_at)
+                .collect()
+        };
+        // A first record has nothing to keep.
+        inv.put(&rec("2026-01-01T00:00:00Z", "Enabled")).unwrap();
+        assert!(inv.previous(arn).unwrap().is_none());
+        // A scheduled read keeps the one it replaces.
+        inv.put(&rec("2026-01-02T00:00:00Z", "Enabled")).unwrap();
+        assert_eq!(times(&inv), ["2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z"]);
+        // A re-read after a change at 01-03: the record it replaces was read before it.
+        inv.put_after(&rec("2026-01-04T00:00:00Z", "Disabled"), Some("2026-01-03T00:00:00Z"))
+            .unwrap();
+        assert_eq!(times(&inv), ["2026-01-04T00:00:00Z", "2026-01-02T00:00:00Z"]);
+        // Another re-read for the same change (a second file, or a file late after the
+        // re-read): the current record already shows the change, the previous one is
+        // still the last read before it, and stays.
+        inv.put_after(&rec("2026-01-05T00:00:00Z", "Disabled"), Some("2026-01-03T00:00:00Z"))
+            .unwrap();
+        assert_eq!(times(&inv), ["2026-01-05T00:00:00Z", "2026-01-02T00:00:00Z"]);
+        assert_eq!(inv.previous(arn).unwrap().unwrap().state, "Enabled");
+        // A change after both: the current record was read before it and becomes previous.
+        inv.put_after(&rec("2026-01-07T00:00:00Z", "Enabled"), Some("2026-01-06T00:00:00Z"))
+            .unwrap();
+        assert_eq!(times(&inv), ["2026-01-07T00:00:00Z", "2026-01-05T00:00:00Z"]);
+        assert_eq!(inv.cached(arn).unwrap().unwrap().state, "Enabled");
     }
 
     #[test]
