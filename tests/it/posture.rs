@@ -1228,6 +1228,106 @@ async fn daemon_refreshes_the_inventory_and_reports_posture_once() {
     assert_eq!(code, Some(0));
 }
 
+/// The daemon re-reads a key a CloudTrail file shows changed, without waiting for its
+/// scheduled refresh (`refresh = "6h"`: after the one at start, only the targeted re-read
+/// can explain a new record). A key is tagged `sensitivity = high` through the SDK after
+/// the first refresh; the TagResource record's file makes the daemon re-read that key
+/// (logged, with the API calls); a later file's DisableKey finding on the key then carries
+/// the new tag, and the shipped rule's `tag:sensitivity` escalation makes it critical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_rereads_a_key_an_event_changed_so_findings_carry_its_new_tags() {
+    use crate::daemon::{sigterm, sink, wait_exit, Trail};
+    let trail = Trail::new().await;
+    let kms = kmsguard::aws::kms_client(&trail.moto.sdk(EAST).await, None);
+    let key = make_key(&kms, "alias/ledger", good()).await;
+    let other = make_key(&kms, "alias/other", good()).await;
+    let work = tempfile::tempdir().unwrap();
+    let cfg = trail.config(work.path(), "\n[inventory]\nrefresh = \"6h\"\n");
+    let log = work.path().join("daemon.log");
+    let mut daemon = trail.start(&cfg, &log);
+    let refreshes = || log_lines(&log, "inventory refreshed");
+    let rereads = || log_lines(&log, "inventory key re-read");
+    let wait_for = |what: &str, cond: &dyn Fn() -> bool| wait_for_daemon(&log, what, cond);
+    wait_for("the refresh at start", &|| !refreshes().is_empty());
+    assert!(rereads().is_empty(), "nothing changed yet");
+
+    kms.tag_resource()
+        .key_id(id(&key))
+        .tags(tag("sensitivity", "high"))
+        .send()
+        .await
+        .expect("tag the key");
+    // A burst: the same key tagged twice in one file and again in the next, and another
+    // key only described (which changes nothing): one read of the tagged key.
+    let at = |d: i64| kmsguard::inventory::format_time(kmsguard::inventory::now_secs() + d);
+    let (t1, t2, t) = (at(-2), at(-1), at(0));
+    let put = |name: &str, records: Vec<Value>| {
+        let trail = &trail;
+        let name = name.to_string();
+        async move {
+            trail
+                .put(
+                    format!("AWSLogs/{ACCT}/CloudTrail/{EAST}/2026/11/29/{ACCT}_CloudTrail_{EAST}_20261129T0000Z_{name}.json"),
+                    json!({ "Records": records }).to_string().into_bytes(),
+                )
+                .await
+        }
+    };
+    let tag_params = json!({"tags": [{"tagKey": "sensitivity", "tagValue": "high"}]});
+    let uploaded = Instant::now();
+    put(
+        "tag1",
+        vec![
+            record("TagResource", &key, &t1, tag_params.clone()),
+            record("TagResource", &key, &t2, tag_params.clone()),
+            record("DescribeKey", &other, &t, json!({})),
+        ],
+    )
+    .await;
+    put("tag2", vec![record("TagResource", &key, &t, tag_params)]).await;
+    wait_for("the re-read of the tagged key", &|| !rereads().is_empty());
+    let latency = uploaded.elapsed();
+    // Both files arrive within the debounce: a second read would come right after.
+    std::thread::sleep(Duration::from_secs(4));
+    let done = rereads();
+    assert_eq!(done.len(), 1, "one read for the burst: {done:?}");
+    assert_eq!(done[0]["key"], key.as_str(), "{:?}", done[0]);
+    assert_eq!(done[0]["changed_at"], t.as_str(), "the latest change of the burst");
+    assert!(done[0]["refreshed_at"].as_str().unwrap() >= t.as_str());
+    let calls = done[0]["api_calls"].as_u64().unwrap();
+    assert_eq!(refreshes().len(), 1, "no scheduled refresh since the start");
+
+    let uploaded_disable = Instant::now();
+    put(
+        "disable",
+        vec![record("DisableKey", &key, &ts(0), json!({}))],
+    )
+    .await;
+    wait_for("the rule finding", &|| {
+        sink(work.path())
+            .iter()
+            .any(|f| f["rule"] == "kms-key-disabled")
+    });
+    let to_finding = uploaded_disable.elapsed();
+    let f = sink(work.path())
+        .into_iter()
+        .find(|f| f["rule"] == "kms-key-disabled")
+        .unwrap();
+    assert_eq!(f["key_alias"], "alias/ledger", "{f}");
+    assert_eq!(f["key_tags"]["sensitivity"], "high", "the re-read tag: {f}");
+    assert_eq!(f["key_tags"]["owner"], "team-a", "{f}");
+    assert_eq!(f["severity"], "critical", "escalated by the key's new tag: {f}");
+
+    sigterm(&daemon);
+    let (code, _) = wait_exit(&mut daemon, Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+    eprintln!(
+        "targeted re-read: TagResource file uploaded -> record re-read (logged) in {} ms ({calls} KMS calls); DisableKey file uploaded -> enriched finding in {} ms",
+        latency.as_millis(),
+        to_finding.as_millis()
+    );
+}
+
 /// The daemon records, with each processed CloudTrail file, when it showed each key, so
 /// its scheduled refresh runs the use-based checks. Against moto with keys 200 days old:
 /// before any file, neither check is evaluated (no history); a file with a Decrypt on
