@@ -1681,3 +1681,102 @@ async fn remediation_in_the_daemon_uses_its_inventory_refresh_and_earlier_events
         took_del.as_millis()
     );
 }
+
+/// The state before a change when the daemon re-read the key after it: the refresh at
+/// start read a key Enabled; its deletion is scheduled (and the key tagged) for real; the
+/// TagResource file arrives first and the daemon re-reads the key (PendingDeletion, read
+/// after the change), then the ScheduleKeyDeletion file, dated at the change, arrives.
+/// The current record is newer than the event, so the record it replaced (`previous/`,
+/// read at start) is what `before` uses: the key was Enabled, so the deletion is
+/// cancelled and the key enabled again (without it: `unknown`, left Disabled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remediation_in_the_daemon_uses_the_record_a_reread_replaced() {
+    let trail = Trail::new().await;
+    let kms = kms(&trail).await;
+    let (k, k_arn) = key(&kms, false).await;
+    let work = tempfile::tempdir().unwrap();
+    let cfg = trail.config(
+        work.path(),
+        &format!("\n[inventory]\nrefresh = \"6h\"\n\n[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\n"),
+    );
+    let log = work.path().join("daemon.log");
+    let mut daemon = trail.start(&cfg, &log);
+    let _ = until!(
+        "the first inventory refresh",
+        logged(&log, "inventory refreshed")
+    );
+    kms.tag_resource()
+        .key_id(&k)
+        .tags(
+            aws_sdk_kms::types::Tag::builder()
+                .tag_key("team")
+                .tag_value("ledger")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    kms.schedule_key_deletion()
+        .key_id(&k)
+        .pending_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    let t = now_iso();
+    trail
+        .put(
+            object_key("tag"),
+            gz_file(&[record(
+                "ev-tag",
+                &t,
+                "TagResource",
+                &k_arn,
+                json!({"keyId": k, "tags": [{"tagKey": "team", "tagValue": "ledger"}]}),
+                Value::Null,
+            )]),
+        )
+        .await;
+    let reread = || -> Option<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["message"] == "inventory key re-read" && v["key"] == k_arn.as_str())
+    };
+    let _ = until!("the re-read of the key", reread().is_some());
+    let reread_at = reread().unwrap()["refreshed_at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reread_at > t, "re-read after the change: {reread_at} vs {t}");
+
+    trail
+        .put(
+            object_key("del"),
+            gz_file(&[deletion_record("ev-del", &t, &k, &k_arn)]),
+        )
+        .await;
+    let rem = wait_remediation(work.path(), "ev-del").await;
+    sigterm(&daemon);
+    assert_eq!(wait_exit(&mut daemon, Duration::from_secs(20)).0, Some(0));
+    let a = &rem["action"];
+    assert_eq!(a["outcome"], "performed", "{rem}");
+    assert_eq!(a["before"]["state_before_event"], "Enabled", "{rem}");
+    let source = a["before"]["state_before_source"].as_str().unwrap();
+    let read_at = source
+        .strip_prefix("inventory record read ")
+        .unwrap_or_else(|| panic!("from the inventory: {rem}"));
+    assert!(
+        read_at <= t.as_str() && read_at < reread_at.as_str(),
+        "the record read before the change, not the re-read one ({reread_at}): {rem}"
+    );
+    let ops: Vec<&str> = a["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["operation"].as_str())
+        .collect();
+    assert_eq!(ops, ["CancelKeyDeletion", "EnableKey"], "{rem}");
+    assert_eq!(state(&kms, &k).await, "Enabled");
+}
