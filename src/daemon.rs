@@ -1245,8 +1245,8 @@ async fn reread_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tokio::time::Instant;
-    let inv = crate::inventory::Inventory::new(store, Some(sdk), Default::default())
-        .with_roles(roles);
+    let inv =
+        crate::inventory::Inventory::new(store, Some(sdk), Default::default()).with_roles(roles);
     // Key -> (when to read it, the latest change time asked for).
     let mut pending: HashMap<String, (Instant, String)> = HashMap::new();
     let mut open = true;

@@ -357,7 +357,10 @@ impl Inventory {
     pub fn put_after(&self, rec: &KeyRecord, changed_at: Option<&str>) -> Result<(), StoreError> {
         use sled::transaction::{ConflictableTransactionError, TransactionError};
         let tree = self.store.tree(TREE)?;
-        let (kk, pk) = (format!("{KEY}{}", rec.arn), format!("{PREVIOUS}{}", rec.arn));
+        let (kk, pk) = (
+            format!("{KEY}{}", rec.arn),
+            format!("{PREVIOUS}{}", rec.arn),
+        );
         let value = store::encode(rec);
         let result: Result<(), TransactionError<()>> = tree.transaction(|t| {
             let read = |k: &str| -> Result<Option<KeyRecord>, ConflictableTransactionError<()>> {
@@ -366,9 +369,8 @@ impl Inventory {
             };
             if let Some(current) = read(&kk)? {
                 let previous = read(&pk)?;
-                let before_change = |r: &KeyRecord| {
-                    changed_at.is_some_and(|c| r.refreshed_at.as_str() <= c)
-                };
+                let before_change =
+                    |r: &KeyRecord| changed_at.is_some_and(|c| r.refreshed_at.as_str() <= c);
                 let keep = match previous {
                     Some(p) if !before_change(&current) && before_change(&p) => p,
                     _ => current,
@@ -381,9 +383,9 @@ impl Inventory {
         match result {
             Ok(()) => Ok(()),
             Err(TransactionError::Storage(e)) => Err(StoreError::Sled(e)),
-            Err(TransactionError::Abort(())) => Err(StoreError::Sled(
-                sled::Error::ReportableBug("transaction aborted".into()),
-            )),
+            Err(TransactionError::Abort(())) => Err(StoreError::Sled(sled::Error::ReportableBug(
+                "transaction aborted".into(),
+            ))),
         }
     }
 
@@ -550,7 +552,11 @@ impl Inventory {
     /// Re-reads a key from the API whatever the cache holds, after a CloudTrail event
     /// at `changed_at` changed it (the daemon's targeted re-read), and stores the record
     /// (`put_after`: the record read before the change stays as `previous/`).
-    pub async fn reread(&self, key_arn: &str, changed_at: &str) -> Result<KeyRecord, InventoryError> {
+    pub async fn reread(
+        &self,
+        key_arn: &str,
+        changed_at: &str,
+    ) -> Result<KeyRecord, InventoryError> {
         let rec = self.read(key_arn).await?;
         self.put_after(&rec, Some(changed_at))?;
         Ok(rec)
@@ -906,22 +912,43 @@ mod tests {
         assert!(inv.previous(arn).unwrap().is_none());
         // A scheduled read keeps the one it replaces.
         inv.put(&rec("2026-01-02T00:00:00Z", "Enabled")).unwrap();
-        assert_eq!(times(&inv), ["2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z"]);
+        assert_eq!(
+            times(&inv),
+            ["2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z"]
+        );
         // A re-read after a change at 01-03: the record it replaces was read before it.
-        inv.put_after(&rec("2026-01-04T00:00:00Z", "Disabled"), Some("2026-01-03T00:00:00Z"))
-            .unwrap();
-        assert_eq!(times(&inv), ["2026-01-04T00:00:00Z", "2026-01-02T00:00:00Z"]);
+        inv.put_after(
+            &rec("2026-01-04T00:00:00Z", "Disabled"),
+            Some("2026-01-03T00:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(
+            times(&inv),
+            ["2026-01-04T00:00:00Z", "2026-01-02T00:00:00Z"]
+        );
         // Another re-read for the same change (a second file, or a file late after the
         // re-read): the current record already shows the change, the previous one is
         // still the last read before it, and stays.
-        inv.put_after(&rec("2026-01-05T00:00:00Z", "Disabled"), Some("2026-01-03T00:00:00Z"))
-            .unwrap();
-        assert_eq!(times(&inv), ["2026-01-05T00:00:00Z", "2026-01-02T00:00:00Z"]);
+        inv.put_after(
+            &rec("2026-01-05T00:00:00Z", "Disabled"),
+            Some("2026-01-03T00:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(
+            times(&inv),
+            ["2026-01-05T00:00:00Z", "2026-01-02T00:00:00Z"]
+        );
         assert_eq!(inv.previous(arn).unwrap().unwrap().state, "Enabled");
         // A change after both: the current record was read before it and becomes previous.
-        inv.put_after(&rec("2026-01-07T00:00:00Z", "Enabled"), Some("2026-01-06T00:00:00Z"))
-            .unwrap();
-        assert_eq!(times(&inv), ["2026-01-07T00:00:00Z", "2026-01-05T00:00:00Z"]);
+        inv.put_after(
+            &rec("2026-01-07T00:00:00Z", "Enabled"),
+            Some("2026-01-06T00:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(
+            times(&inv),
+            ["2026-01-07T00:00:00Z", "2026-01-05T00:00:00Z"]
+        );
         assert_eq!(inv.cached(arn).unwrap().unwrap().state, "Enabled");
     }
 

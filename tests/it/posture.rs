@@ -1292,7 +1292,11 @@ async fn daemon_rereads_a_key_an_event_changed_so_findings_carry_its_new_tags() 
     let done = rereads();
     assert_eq!(done.len(), 1, "one read for the burst: {done:?}");
     assert_eq!(done[0]["key"], key.as_str(), "{:?}", done[0]);
-    assert_eq!(done[0]["changed_at"], t.as_str(), "the latest change of the burst");
+    assert_eq!(
+        done[0]["changed_at"],
+        t.as_str(),
+        "the latest change of the burst"
+    );
     assert!(done[0]["refreshed_at"].as_str().unwrap() >= t.as_str());
     let calls = done[0]["api_calls"].as_u64().unwrap();
     assert_eq!(refreshes().len(), 1, "no scheduled refresh since the start");
@@ -1316,7 +1320,10 @@ async fn daemon_rereads_a_key_an_event_changed_so_findings_carry_its_new_tags() 
     assert_eq!(f["key_alias"], "alias/ledger", "{f}");
     assert_eq!(f["key_tags"]["sensitivity"], "high", "the re-read tag: {f}");
     assert_eq!(f["key_tags"]["owner"], "team-a", "{f}");
-    assert_eq!(f["severity"], "critical", "escalated by the key's new tag: {f}");
+    assert_eq!(
+        f["severity"], "critical",
+        "escalated by the key's new tag: {f}"
+    );
 
     sigterm(&daemon);
     let (code, _) = wait_exit(&mut daemon, Duration::from_secs(30));

@@ -1749,7 +1749,10 @@ async fn remediation_in_the_daemon_uses_the_record_a_reread_replaced() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(reread_at > t, "re-read after the change: {reread_at} vs {t}");
+    assert!(
+        reread_at > t,
+        "re-read after the change: {reread_at} vs {t}"
+    );
 
     trail
         .put(
