@@ -60,10 +60,29 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(e.as_ref()));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes on one line, leaving out a cause whose text the message
+/// already includes (the library's errors name their cause in their own sentence, with
+/// the fix after it; printing it again would only repeat it).
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        next = cause.source();
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    }
+    text
 }
 
 fn replay(args: ReplayArgs) -> Result<ExitCode> {
@@ -851,7 +870,7 @@ fn run_daemon(file: std::path::PathBuf, log_format: Option<LogFormat>) -> Result
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             tracing::error!(error = %e, "kmsguard stopped on an error");
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             Ok(ExitCode::from(3))
         }
     }

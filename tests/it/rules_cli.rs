@@ -85,6 +85,71 @@ fn invalid_rules_name_rule_line_and_fix() {
     assert!(stderr(&o).contains("cannot read rules file /nonexistent/rules.toml"));
 }
 
+/// The shipped example config passes `check-config` as it is; with every optional line
+/// switched on (and its paths pointed at real files) it is still a valid config, so what
+/// the example shows is what the daemon accepts. An error names its cause once.
+#[test]
+fn the_example_config_is_valid_as_shipped_and_with_every_option_on() {
+    let example = repo().join("docs/kmsguard.example.toml");
+    let o = bin().args(["check-config"]).arg(&example).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let text = std::fs::read_to_string(&example).unwrap();
+    let mut full = String::new();
+    for line in text.lines() {
+        // `# [table]` and `# key = value` are options; other comments are prose.
+        let opt = line.strip_prefix("# ").filter(|rest| {
+            rest.starts_with('[')
+                || rest
+                    .split_once(" = ")
+                    .is_some_and(|(k, _)| !k.is_empty() && !k.contains(' ') || k.starts_with('"'))
+        });
+        full.push_str(opt.unwrap_or(line));
+        full.push('\n');
+    }
+    for f in [
+        "rules.toml",
+        "suppressions.toml",
+        "smtp-password",
+        "pd-routing-key",
+        "safe.json",
+    ] {
+        std::fs::write(dir.path().join(f), "").unwrap();
+    }
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        std::fs::read_to_string(repo().join("rules.toml")).unwrap(),
+    )
+    .unwrap();
+    let full = full
+        .replace("/etc/kmsguard/", &format!("{d}/"))
+        .replace("/run/credentials/kmsguard.service/", &format!("{d}/"))
+        .replace("/var/lib/kmsguard", &format!("{d}/state"));
+    let cfg = dir.path().join("full.toml");
+    std::fs::write(&cfg, &full).unwrap();
+    let o = bin().args(["check-config"]).arg(&cfg).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}\n{full}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("1 file sink(s)") && out.contains("2 alert channel(s)"),
+        "{out}"
+    );
+
+    // A missing file: named once with its cause, and the fix.
+    let broken = full.replace(&format!("{d}/rules.toml"), &format!("{d}/missing.toml"));
+    std::fs::write(&cfg, broken).unwrap();
+    let o = bin().args(["check-config"]).arg(&cfg).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("missing.toml") && err.contains("[rules] path"),
+        "{err}"
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
 #[test]
 fn help_texts_have_examples() {
     for args in [
