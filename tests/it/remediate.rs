@@ -510,6 +510,29 @@ async fn remediation_enforce_restores_every_key_and_leaves_out_of_scope_keys_alo
     );
 }
 
+/// `kmsguard replay --format jsonl --no-baselines --remediate --config CFG DIR` with the
+/// AWS endpoint of `env`: it must succeed; its findings and its stderr.
+fn replay_remediate(
+    cfg: &Path,
+    dir: &Path,
+    env: Vec<(&'static str, String)>,
+) -> (Vec<Value>, String) {
+    let o = run(bin()
+        .args([
+            "replay",
+            "--format",
+            "jsonl",
+            "--no-baselines",
+            "--remediate",
+            "--config",
+        ])
+        .arg(cfg)
+        .arg(dir)
+        .envs(env));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    (jsonl(&stdout(&o)), stderr(&o))
+}
+
 fn iso_in_days(days: i64) -> String {
     kmsguard::inventory::format_time(kmsguard::inventory::now_secs() + days * 86_400)
 }
@@ -902,20 +925,7 @@ async fn remediation_in_replay_needs_the_flag_and_skips_old_events() {
     assert!(remediations(&jsonl(&stdout(&o))).is_empty());
     assert_eq!(state(&kms, &recent).await, "Disabled");
     // With it: the recent event is remediated, the old one left alone.
-    let o = run(bin()
-        .args([
-            "replay",
-            "--format",
-            "jsonl",
-            "--no-baselines",
-            "--remediate",
-            "--config",
-        ])
-        .arg(&cfg)
-        .arg(&dir)
-        .envs(trail.moto.env()));
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let findings = jsonl(&stdout(&o));
+    let (findings, err) = replay_remediate(&cfg, &dir, trail.moto.env());
     let rem = remediations(&findings);
     assert_eq!(rem.len(), 1, "{rem:#?}");
     assert_eq!(strs(&rem[0]["event_ids"]), vec!["ev-recent"]);
@@ -926,11 +936,7 @@ async fn remediation_in_replay_needs_the_flag_and_skips_old_events() {
         "Disabled",
         "events over max_event_age_secs are left alone"
     );
-    assert!(
-        stderr(&o).contains("1 finding(s) of events older than"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(err.contains("1 finding(s) of events older than"), "{err}");
 
     // Through a role per account (STS AssumeRole): a role of another account sees other
     // keys, so the key is not found there and the failure is reported, not hidden.
@@ -940,20 +946,7 @@ async fn remediation_in_replay_needs_the_flag_and_skips_old_events() {
         format!("[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\nretries = 1\nretry_base_ms = 10\n\n[remediation.roles]\n\"{ACCOUNT}\" = \"arn:aws:iam::999999999999:role/kmsguard-remediate\"\n"),
     )
     .unwrap();
-    let o = run(bin()
-        .args([
-            "replay",
-            "--format",
-            "jsonl",
-            "--no-baselines",
-            "--remediate",
-            "--config",
-        ])
-        .arg(&cfg)
-        .arg(&dir)
-        .envs(trail.moto.env()));
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let findings = jsonl(&stdout(&o));
+    let (findings, _) = replay_remediate(&cfg, &dir, trail.moto.env());
     let rem = remediations(&findings);
     assert_eq!(rem.len(), 1, "{rem:#?}");
     let a = &rem[0]["action"];
@@ -1004,20 +997,7 @@ async fn a_failing_change_is_retried_and_then_reported() {
     )
     .unwrap();
     let remediate = |proxy: &FaultProxy| {
-        let o = run(bin()
-            .args([
-                "replay",
-                "--format",
-                "jsonl",
-                "--no-baselines",
-                "--remediate",
-                "--config",
-            ])
-            .arg(&cfg)
-            .arg(&dir)
-            .envs(proxy.env()));
-        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-        let findings = jsonl(&stdout(&o));
+        let (findings, _) = replay_remediate(&cfg, &dir, proxy.env());
         let rem: Vec<Value> = remediations(&findings).into_iter().cloned().collect();
         assert_eq!(rem.len(), 1, "{rem:#?}");
         rem[0]["action"].clone()
@@ -1436,20 +1416,7 @@ async fn remediation_honours_later_events_and_restores_policies_seen_in_events()
         format!("[remediation]\nmode = \"enforce\"\naccounts = [\"{ACCOUNT}\"]\n"),
     )
     .unwrap();
-    let o = run(bin()
-        .args([
-            "replay",
-            "--format",
-            "jsonl",
-            "--no-baselines",
-            "--remediate",
-            "--config",
-        ])
-        .arg(&rcfg)
-        .arg(&dir)
-        .envs(trail.moto.env()));
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let out = jsonl(&stdout(&o));
+    let (out, _) = replay_remediate(&rcfg, &dir, trail.moto.env());
     assert_skipped_for(
         remediation_for(&out, "ev-f-dis").unwrap(),
         "confirmed: later event ev-f-tag",
