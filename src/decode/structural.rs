@@ -203,24 +203,27 @@ fn prefix_xor(mut x: u64) -> u64 {
 pub fn find_end(input: &[u8], state: &mut ScanState, max_depth: u32) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("popcnt")
-            && std::arch::is_x86_feature_detected!("bmi1")
-            && std::arch::is_x86_feature_detected!("pclmulqdq")
-        {
-            // SAFETY: the CPU has AVX-512F/BW, POPCNT, BMI1 and PCLMULQDQ, checked just above
-            // (AVX-512BW implies AVX-512F).
-            return unsafe { find_end_avx512(input, state, max_depth) };
+        // Which kernel the CPU can run, decided once per process.
+        static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+        let level = *LEVEL.get_or_init(|| {
+            use std::arch::is_x86_feature_detected as has;
+            let base = has!("popcnt") && has!("bmi1") && has!("pclmulqdq");
+            if base && has!("avx512bw") {
+                2
+            } else if base && has!("avx2") {
+                1
+            } else {
+                0
+            }
+        });
+        match level {
+            // SAFETY: the CPU has AVX-512F/BW (BW implies F), POPCNT, BMI1 and
+            // PCLMULQDQ: `LEVEL` is 2 only then.
+            2 => unsafe { find_end_avx512(input, state, max_depth) },
+            // SAFETY: the CPU has AVX2, POPCNT, BMI1 and PCLMULQDQ: `LEVEL` is 1 only then.
+            1 => unsafe { find_end_avx2(input, state, max_depth) },
+            _ => find_end_with(input, state, max_depth, masks_sse2, prefix_xor),
         }
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("popcnt")
-            && std::arch::is_x86_feature_detected!("bmi1")
-            && std::arch::is_x86_feature_detected!("pclmulqdq")
-        {
-            // SAFETY: the CPU has AVX2, POPCNT, BMI1 and PCLMULQDQ, checked just above.
-            return unsafe { find_end_avx2(input, state, max_depth) };
-        }
-        find_end_with(input, state, max_depth, masks_sse2, prefix_xor)
     }
     #[cfg(not(target_arch = "x86_64"))]
     find_end_with(input, state, max_depth, masks_portable, prefix_xor)
