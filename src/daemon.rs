@@ -783,12 +783,16 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
     let limits = shared.limits;
     let name = url.clone();
     let gz_name = obj.key.ends_with(".gz");
+    let collect = pipeline::Collect {
+        observations: true,
+        key_events: shared.cfg.remediation.is_some(),
+    };
     let (analysis, activity) = tokio::task::spawn_blocking(move || {
         let mut decoder = Decoder::new(limits);
         // When each key was last seen, used and changed: the scheduled inventory
         // refresh's use-based posture checks read it.
         let mut activity = crate::inventory::Activity::default();
-        let analysis = pipeline::analyze(&rules, &name, true, |on_event| {
+        let analysis = pipeline::analyze(&rules, &name, collect, |on_event| {
             decoder.decode_bytes(&bytes, gz_name, &mut |ev| {
                 activity.observe(ev);
                 on_event(ev)

@@ -193,10 +193,20 @@ pub struct Analysis {
 pub fn analyze(
     rules: &RuleSet,
     name: &str,
-    with_baselines: bool,
+    collect: Collect,
     decode: impl FnOnce(&mut dyn FnMut(&crate::event::Event<'_>)) -> FileReport,
 ) -> Analysis {
-    analyze_streaming(rules, name, with_baselines, &mut |_| {}, decode)
+    analyze_streaming(rules, name, collect, &mut |_| {}, decode)
+}
+
+/// What an analysis collects besides rule findings; each costs work per event, so only
+/// what a caller uses is collected.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Collect {
+    /// Baseline observations (`Analysis::observations`).
+    pub observations: bool,
+    /// The key events remediation looks at (`Analysis::key_events`).
+    pub key_events: bool,
 }
 
 /// Observations collected before `analyze_streaming` offers them to `flush`.
@@ -208,7 +218,7 @@ const OBSERVATION_CHUNK: usize = 16_384;
 pub fn analyze_streaming(
     rules: &RuleSet,
     name: &str,
-    with_baselines: bool,
+    collect: Collect,
     flush: &mut dyn FnMut(&mut Vec<Observation>),
     decode: impl FnOnce(&mut dyn FnMut(&crate::event::Event<'_>)) -> FileReport,
 ) -> Analysis {
@@ -220,9 +230,11 @@ pub fn analyze_streaming(
     let mut offered_at = OBSERVATION_CHUNK;
     let report = decode(&mut |ev| {
         rules.evaluate(ev, name, &mut findings);
-        key_events.extend(history::observe(ev));
+        if collect.key_events {
+            key_events.extend(history::observe(ev));
+        }
         key_facts.extend(key_facts::observe(ev));
-        if with_baselines {
+        if collect.observations {
             observations.extend(baseline::observe(ev, &file));
             if observations.len() >= offered_at {
                 flush(&mut observations);
@@ -309,67 +321,65 @@ pub fn replay(
                             let _ = chunk_tx.send(WorkerMsg::Chunk(i, std::mem::take(obs)));
                         }
                     };
-                    let a =
-                        analyze_streaming(rules, &name, with_baselines, &mut flush, |on_event| {
-                            let mut each = |ev: &crate::event::Event<'_>| {
-                                if track {
-                                    act.observe(ev);
-                                }
-                                if with_timeline {
-                                    tl.observe(ev);
-                                }
-                                on_event(ev);
-                            };
-                            match file {
-                                LogInput::Local(f) => decoder.decode_file(&f.path, &mut each),
-                                LogInput::S3(obj) => match s3.map(|r| r.get(obj)) {
-                                    Some(Ok(bytes)) => decoder.decode_bytes(
-                                        &bytes,
-                                        obj.key.ends_with(".gz"),
-                                        &mut each,
-                                    ),
-                                    Some(Err(e)) => crate::decode::failure(e.to_string()),
-                                    None => crate::decode::failure(
-                                        "no S3 client for this replay".to_string(),
-                                    ),
-                                },
-                                LogInput::Api(slice) => match lookup.map(|r| r.fetch(slice)) {
-                                    Some(Ok((doc, bad))) => {
-                                        let mut report =
-                                            decoder.decode_bytes(&doc, false, &mut each);
-                                        if bad > 0 {
-                                            report
-                                                .problems
-                                                .push(crate::decode::DecodeProblem::InvalidJson {
+                    let collect = Collect {
+                        observations: with_baselines,
+                        key_events: opts.key_events,
+                    };
+                    let a = analyze_streaming(rules, &name, collect, &mut flush, |on_event| {
+                        let mut each = |ev: &crate::event::Event<'_>| {
+                            if track {
+                                act.observe(ev);
+                            }
+                            if with_timeline {
+                                tl.observe(ev);
+                            }
+                            on_event(ev);
+                        };
+                        match file {
+                            LogInput::Local(f) => decoder.decode_file(&f.path, &mut each),
+                            LogInput::S3(obj) => match s3.map(|r| r.get(obj)) {
+                                Some(Ok(bytes)) => decoder.decode_bytes(
+                                    &bytes,
+                                    obj.key.ends_with(".gz"),
+                                    &mut each,
+                                ),
+                                Some(Err(e)) => crate::decode::failure(e.to_string()),
+                                None => crate::decode::failure(
+                                    "no S3 client for this replay".to_string(),
+                                ),
+                            },
+                            LogInput::Api(slice) => match lookup.map(|r| r.fetch(slice)) {
+                                Some(Ok((doc, bad))) => {
+                                    let mut report = decoder.decode_bytes(&doc, false, &mut each);
+                                    if bad > 0 {
+                                        report.problems.push(
+                                            crate::decode::DecodeProblem::InvalidJson {
                                                 count: bad,
                                                 first:
                                                     "a CloudTrailEvent that is not a JSON object"
                                                         .into(),
-                                            });
-                                        }
-                                        report
+                                            },
+                                        );
                                     }
-                                    Some(Err(e)) => crate::decode::failure(e.to_string()),
-                                    None => crate::decode::failure(
-                                        "no CloudTrail client for this replay".to_string(),
-                                    ),
-                                },
-                                LogInput::Memory { bytes, .. } => {
-                                    decoder.decode_bytes(bytes, false, &mut each)
+                                    report
                                 }
+                                Some(Err(e)) => crate::decode::failure(e.to_string()),
+                                None => crate::decode::failure(
+                                    "no CloudTrail client for this replay".to_string(),
+                                ),
+                            },
+                            LogInput::Memory { bytes, .. } => {
+                                decoder.decode_bytes(bytes, false, &mut each)
                             }
-                        });
+                        }
+                    });
                     if tx
                         .send(WorkerMsg::Done((
                             i,
                             a.report,
                             a.findings,
                             a.observations,
-                            if opts.key_events {
-                                a.key_events
-                            } else {
-                                Vec::new()
-                            },
+                            a.key_events,
                             a.key_facts,
                         )))
                         .is_err()

@@ -367,16 +367,36 @@ impl Inventory {
                 Ok(t.get(k.as_bytes())?
                     .and_then(|v| store::decode::<KeyRecord>(TREE, k, &v).ok()))
             };
-            if let Some(current) = read(&kk)? {
-                let previous = read(&pk)?;
-                let before_change =
-                    |r: &KeyRecord| changed_at.is_some_and(|c| r.refreshed_at.as_str() <= c);
+            // Of two records, the one to keep as `previous/`: one read at or before the
+            // change over one read after it, else the newer.
+            let before_change =
+                |r: &KeyRecord| changed_at.is_some_and(|c| r.refreshed_at.as_str() <= c);
+            let choose = |a: KeyRecord, b: KeyRecord| match (before_change(&a), before_change(&b)) {
+                (true, false) => a,
+                (false, true) => b,
+                _ if b.refreshed_at > a.refreshed_at => b,
+                _ => a,
+            };
+            let Some(current) = read(&kk)? else {
+                t.insert(kk.as_bytes(), value.clone())?;
+                return Ok(());
+            };
+            let previous = read(&pk)?;
+            if current.refreshed_at > rec.refreshed_at {
+                // A newer read was stored first (a refresh and a re-read overlapping):
+                // it stays current, and this older one may still be the record before.
                 let keep = match previous {
-                    Some(p) if !before_change(&current) && before_change(&p) => p,
-                    _ => current,
+                    Some(p) => choose(rec.clone(), p),
+                    None => rec.clone(),
                 };
                 t.insert(pk.as_bytes(), store::encode(&keep))?;
+                return Ok(());
             }
+            let keep = match previous {
+                Some(p) => choose(current, p),
+                None => current,
+            };
+            t.insert(pk.as_bytes(), store::encode(&keep))?;
             t.insert(kk.as_bytes(), value.clone())?;
             Ok(())
         });
@@ -948,6 +968,14 @@ mod tests {
         assert_eq!(
             times(&inv),
             ["2026-01-07T00:00:00Z", "2026-01-05T00:00:00Z"]
+        );
+        assert_eq!(inv.cached(arn).unwrap().unwrap().state, "Enabled");
+        // A scheduled refresh that read the key before that re-read but stores it after
+        // (the two run side by side): the newer record stays current.
+        inv.put(&rec("2026-01-06T12:00:00Z", "Disabled")).unwrap();
+        assert_eq!(
+            times(&inv),
+            ["2026-01-07T00:00:00Z", "2026-01-06T12:00:00Z"]
         );
         assert_eq!(inv.cached(arn).unwrap().unwrap().state, "Enabled");
     }
