@@ -209,6 +209,9 @@ pub struct Collect {
     pub key_events: bool,
 }
 
+/// Key events a replay holds before it drops those `history::writes` would drop.
+const COMPACT_KEY_EVENTS: usize = 65_536;
+
 /// Observations collected before `analyze_streaming` offers them to `flush`.
 const OBSERVATION_CHUNK: usize = 16_384;
 
@@ -296,6 +299,7 @@ pub fn replay(
     let mut activity = None;
     let mut timeline = None;
     let mut key_events = Vec::new();
+    let mut compact_at = COMPACT_KEY_EVENTS;
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel::<WorkerMsg>(jobs * 4);
         let track = opts.track_activity;
@@ -444,6 +448,10 @@ pub fn replay(
                 pending.remove(&needed)
             {
                 key_events.append(&mut keyed);
+                if key_events.len() > compact_at {
+                    history::compact(&mut key_events);
+                    compact_at = (key_events.len() * 2).max(COMPACT_KEY_EVENTS);
+                }
                 // What earlier events (this file's up to each finding, and earlier files')
                 // said about the findings' keys, for key conditions decided offline.
                 facts_so_far.carry(&facts, &mut found);

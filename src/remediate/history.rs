@@ -148,6 +148,20 @@ pub fn observe(ev: &Event<'_>) -> Option<KeyEvent> {
     Some(k)
 }
 
+/// Keys with recorded events kept at most (about 10 KB each at the cap of events).
+pub const MAX_KEYS: usize = 100_000;
+/// Where the number of keys with recorded events is kept.
+const COUNT_KEY: &str = "meta/event-keys";
+static FULL_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn key_count(tree: &sled::Tree) -> usize {
+    tree.get(COUNT_KEY)
+        .ok()
+        .flatten()
+        .and_then(|v| serde_json::from_slice(&v).ok())
+        .unwrap_or(0)
+}
+
 fn events_key(key: &str) -> String {
     format!("events/{key}")
 }
@@ -173,10 +187,44 @@ pub fn snapshot(tree: &sled::Tree, key: &str) -> Option<PolicySnapshot> {
         .and_then(|v| serde_json::from_slice(&v).ok())
 }
 
+/// Drops from `events` (in processing order) what `writes` would drop anyway: all but the
+/// newest `EVENTS_PER_KEY` events of each key, except the event whose closed policy
+/// `writes` would keep as the key's snapshot. So a replay's key events stay bounded by
+/// its keys, not by its length.
+pub fn compact(events: &mut Vec<KeyEvent>) {
+    // The snapshot `writes` keeps: the newest policy by time, the later one on ties.
+    let mut snapshot: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        if e.policy.is_some() {
+            let slot = snapshot.entry(e.key.as_str()).or_insert(i);
+            if events[*slot].time <= e.time {
+                *slot = i;
+            }
+        }
+    }
+    let snapshots: std::collections::HashSet<usize> = snapshot.into_values().collect();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut keep = vec![false; events.len()];
+    for (i, e) in events.iter().enumerate().rev() {
+        let n = seen.entry(e.key.clone()).or_default();
+        keep[i] = *n < EVENTS_PER_KEY || snapshots.contains(&i);
+        *n += 1;
+    }
+    let mut i = 0;
+    events.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
+}
+
 /// The writes to tree `remediation` (`super::TREE`) that record `events` (in processing
 /// order) after what `tree` holds: each key's list grows by them and keeps the newest
 /// `EVENTS_PER_KEY`; a closed policy replaces the snapshot unless that one is newer.
 pub fn writes(tree: &sled::Tree, events: &[KeyEvent]) -> Vec<StateWrite> {
+    writes_capped(tree, events, MAX_KEYS)
+}
+
+fn writes_capped(tree: &sled::Tree, events: &[KeyEvent], max_keys: usize) -> Vec<StateWrite> {
     let mut lists: BTreeMap<&str, Vec<KeyEvent>> = BTreeMap::new();
     let mut snaps: BTreeMap<&str, Option<PolicySnapshot>> = BTreeMap::new();
     for e in events {
@@ -200,7 +248,35 @@ pub fn writes(tree: &sled::Tree, events: &[KeyEvent]) -> Vec<StateWrite> {
             }
         }
     }
+    // A bound on the keys recorded: past it, keys already recorded keep updating and
+    // new ones are left out (their changes are still remediated, without history).
+    let mut count = key_count(tree);
+    let counted = count;
+    lists.retain(|key, _| {
+        if tree.contains_key(events_key(key)).unwrap_or(true) {
+            true
+        } else if count < max_keys {
+            count += 1;
+            true
+        } else {
+            if !FULL_LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    max = max_keys,
+                    "remediation history holds the most keys it keeps; new keys are not recorded"
+                );
+            }
+            false
+        }
+    });
+    snaps.retain(|key, _| lists.contains_key(key));
     let mut out = Vec::new();
+    if count != counted {
+        out.push(StateWrite::put(
+            super::TREE,
+            COUNT_KEY.to_string(),
+            crate::store::encode(&count),
+        ));
+    }
     for (key, mut list) in lists {
         let extra = list.len().saturating_sub(EVENTS_PER_KEY);
         list.drain(..extra);
@@ -595,5 +671,62 @@ mod tests {
             })
             .unwrap();
         assert_eq!(load(&tree, KEY).len(), EVENTS_PER_KEY);
+    }
+
+    #[test]
+    fn past_the_key_cap_new_keys_are_left_out_and_known_ones_still_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let tree = store.tree(super::super::TREE).unwrap();
+        let on = |k: &str, id: &str| {
+            let mut e = ke(id, "EnableKey", "2026-01-01T00:00:00Z");
+            e.key = format!("arn:aws:kms:us-east-1:111122223333:key/{k}");
+            e
+        };
+        let commit = |evs: &[KeyEvent]| {
+            store
+                .commit(&crate::store::Commit {
+                    state: writes_capped(&tree, evs, 2),
+                    ..Default::default()
+                })
+                .unwrap()
+        };
+        commit(&[on("a", "1"), on("b", "2")]);
+        commit(&[on("c", "3"), on("a", "4")]);
+        let key = |k: &str| format!("arn:aws:kms:us-east-1:111122223333:key/{k}");
+        assert_eq!(load(&tree, &key("a")).len(), 2, "a known key still updates");
+        assert_eq!(load(&tree, &key("b")).len(), 1);
+        assert!(load(&tree, &key("c")).is_empty(), "a third key is left out");
+        assert_eq!(key_count(&tree), 2);
+    }
+
+    #[test]
+    fn compact_keeps_what_writes_would_keep() {
+        let mut newer = ke("new", "PutKeyPolicy", "2026-01-02T00:00:00Z");
+        newer.policy = Some("NEW".into());
+        let mut evs = vec![newer];
+        evs.extend((0..40).map(|i| ke(&format!("e{i}"), "EnableKey", "2026-01-01T00:00:00Z")));
+        let mut older = ke("old", "PutKeyPolicy", "2026-01-01T00:00:00Z");
+        older.policy = Some("OLD".into());
+        evs.push(older);
+        let mut other = ke("other", "EnableKey", "2026-01-01T00:00:00Z");
+        other.key = "arn:aws:kms:us-east-1:111122223333:key/k2".into();
+        evs.push(other);
+        let all = evs.clone();
+        compact(&mut evs);
+        // The newest 32 of the key, in order, plus the event of its snapshot; the other
+        // key untouched.
+        let ids: Vec<&str> = evs.iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids.len(), EVENTS_PER_KEY + 2, "{ids:?}");
+        assert_eq!(ids[0], "new");
+        assert_eq!(ids[1], "e9");
+        assert_eq!(&ids[ids.len() - 2..], ["old", "other"]);
+        // And the store ends the same either way.
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let tree = store.tree(super::super::TREE).unwrap();
+        let a = writes(&tree, &all);
+        let b = writes(&tree, &evs);
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
 }
