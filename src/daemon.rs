@@ -232,17 +232,16 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             Some(_) => Some(store.tree(crate::remediate::TREE)?),
             None => None,
         };
+        let inventory = crate::inventory::Inventory::new(store.clone(), None, Default::default());
+        let seen = inventory.seen_count()?;
         let shared = Committer {
-            inventory: crate::inventory::Inventory::new(store.clone(), None, Default::default()),
+            inventory,
             store: store.clone(),
             metrics: metrics.clone(),
             sinks: sinks.clone(),
             outbox: shared.outbox.clone(),
             remediation,
-            seen_keys: std::sync::atomic::AtomicUsize::new(
-                crate::inventory::Inventory::new(store.clone(), None, Default::default())
-                    .seen_count()?,
-            ),
+            seen_keys: std::sync::atomic::AtomicUsize::new(seen),
             seen_cap_logged: Default::default(),
             rereads: rereads_tx,
         };
@@ -1040,14 +1039,17 @@ fn analyze_job(
         }
     }
     // When CloudTrail showed each key, with the file: the refresh's use-based checks.
-    // Cached records are not dropped here: the re-reader (with `[inventory] refresh`)
-    // replaces the records of the keys the file changed a few seconds after the commit,
-    // and until then enrichment is better served by a slightly old record than by none.
+    // With `[inventory] refresh`, cached records of keys the file changed are not dropped:
+    // the re-reader replaces them a few seconds after the commit, and until then
+    // enrichment is better served by a slightly old record than by none. Without it
+    // nothing would ever replace them, so they are dropped, as replay does.
     let mut new_seen = 0;
     if let Some(act) = &activity {
         let recorded = shared.seen_keys.load(Ordering::Relaxed);
         let room = crate::inventory::MAX_SEEN_KEYS.saturating_sub(recorded);
-        let w = shared.inventory.activity_writes(act, false, room)?;
+        let w = shared
+            .inventory
+            .activity_writes(act, shared.rereads.is_none(), room)?;
         if w.dropped > 0 && !shared.seen_cap_logged.swap(true, Ordering::Relaxed) {
             shared.metrics.error("inventory-seen-cap");
             warn!(

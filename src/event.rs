@@ -219,7 +219,7 @@ impl<'v> Event<'v> {
     }
 
     /// Turns a key reference from a request into an ARN when that is unambiguous.
-    fn key_arn_for(&self, id: &str) -> Option<String> {
+    pub fn key_arn_for(&self, id: &str) -> Option<String> {
         if id.starts_with("arn:") {
             return (id.contains(":key/")).then(|| id.to_string());
         }

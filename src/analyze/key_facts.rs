@@ -64,19 +64,7 @@ pub fn observe(ev: &Event<'_>) -> Option<FactEvent> {
     // responseElements for CreateKey), which `key_arns` reads.
     let target = ev
         .str(&["requestParameters", "targetKeyId"])
-        .and_then(|id| {
-            if id.starts_with("arn:") {
-                id.contains(":key/").then(|| id.to_string())
-            } else if !id.is_empty() && !id.starts_with("alias/") && id.len() <= 128 {
-                Some(format!(
-                    "arn:aws:kms:{}:{}:key/{id}",
-                    ev.region()?,
-                    ev.account()?
-                ))
-            } else {
-                None
-            }
-        });
+        .and_then(|id| ev.key_arn_for(id));
     let key = || ev.key_arns().into_iter().next();
     let alias = || ev.str(&["requestParameters", "aliasName"]).map(text);
     let (key, change) = match name {

@@ -517,12 +517,19 @@ impl Inventory {
             }
             if let (true, Some(changed)) = (invalidate, &a.last_change) {
                 // A record read after the change already shows it; only older ones go.
-                let stale = self
+                // It stops serving enrichment but is kept as `previous/`: it is the key
+                // before the change, which remediation's "state before" asks for.
+                if let Some(r) = self
                     .cached(arn)?
-                    .is_some_and(|r| r.refreshed_at.as_str() <= changed.as_str());
-                if stale {
+                    .filter(|r| r.refreshed_at.as_str() <= changed.as_str())
+                {
+                    out.writes.push(StateWrite::put(
+                        TREE,
+                        format!("{PREVIOUS}{arn}"),
+                        store::encode(&r),
+                    ));
                     out.writes
-                        .push(StateWrite::delete(TREE, format!("key/{arn}")));
+                        .push(StateWrite::delete(TREE, format!("{KEY}{arn}")));
                     out.invalidated += 1;
                 }
             }
@@ -902,6 +909,11 @@ mod tests {
         act.keys.get_mut(arn).unwrap().last_change = Some("2026-01-06T00:00:00Z".into());
         assert_eq!(inv.apply_activity(&act).unwrap(), 1);
         assert!(inv.cached(arn).unwrap().is_none());
+        assert_eq!(
+            inv.previous(arn).unwrap().map(|r| r.refreshed_at),
+            Some(rec.refreshed_at.clone()),
+            "the record from before the change is kept for remediation"
+        );
         assert!(!inv.invalidate(arn).unwrap());
         assert_eq!(
             inv.seen(arn).unwrap().last_seen.as_deref(),
