@@ -46,11 +46,9 @@ pub async fn sdk_config(settings: &AwsSettings) -> SdkConfig {
     loader.load().await
 }
 
+/// An S3 client with the SDK's standard retries (archive writes and reads).
 pub fn s3_client(config: &SdkConfig, settings: &AwsSettings) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::from(config)
-        .force_path_style(settings.s3_force_path_style)
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
+    s3_client_with(config, settings, true)
 }
 
 /// An S3 client without the SDK's own retries, for callers that retry themselves (the
@@ -58,11 +56,20 @@ pub fn s3_client(config: &SdkConfig, settings: &AwsSettings) -> aws_sdk_s3::Clie
 /// be retried up to 3 times inside each of the caller's attempts, unseen by its counters
 /// and its budget.
 pub fn s3_client_own_retries(config: &SdkConfig, settings: &AwsSettings) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::config::Builder::from(config)
-        .force_path_style(settings.s3_force_path_style)
-        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
+    s3_client_with(config, settings, false)
+}
+
+fn s3_client_with(
+    config: &SdkConfig,
+    settings: &AwsSettings,
+    sdk_retries: bool,
+) -> aws_sdk_s3::Client {
+    let mut b =
+        aws_sdk_s3::config::Builder::from(config).force_path_style(settings.s3_force_path_style);
+    if !sdk_retries {
+        b = b.retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
+    }
+    aws_sdk_s3::Client::from_conf(b.build())
 }
 
 pub fn sqs_client(config: &SdkConfig, region: Option<&str>) -> aws_sdk_sqs::Client {
