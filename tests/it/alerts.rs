@@ -4,7 +4,7 @@
 
 use crate::servers::{private_ca, Receiver, Smtp};
 use crate::support::{
-    bin, free_port, generate, jsonl, malformed, replay_jsonl, repo, run, stderr, stdout,
+    bin, free_port, generate, jsonl, malformed, replay_jsonl, repo, run, stderr, stdout, Proc,
 };
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, VecDeque};
@@ -369,17 +369,17 @@ fn smtp_down_then_up_delivers_once() {
             "2026-10-01T00:00:00Z",
         )],
     );
-    let child = bin()
-        .args(["alerts", "send", "--retry-for", "60s", "--config"])
-        .arg(&cfg)
-        .arg(&input)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Proc::spawn(
+        bin()
+            .args(["alerts", "send", "--retry-for", "60s", "--config"])
+            .arg(&cfg)
+            .arg(&input)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     std::thread::sleep(Duration::from_millis(2500));
     let smtp = Smtp::start(port, &dir.path().join("mail"), None);
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_with_output();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(
@@ -781,14 +781,14 @@ fn alert_latency_from_finding_to_accepted() {
             secret.display()
         ),
     );
-    let mut child = bin()
-        .args(["alerts", "send", "--retry-for", "10s", "--config"])
-        .arg(&cfg)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Proc::spawn(
+        bin()
+            .args(["alerts", "send", "--retry-for", "10s", "--config"])
+            .arg(&cfg)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     let mut stdin = child.stdin.take().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let n = 20;
@@ -820,7 +820,7 @@ fn alert_latency_from_finding_to_accepted() {
         hook_ms.push(r[i].at.duration_since(t0).as_secs_f64() * 1000.0);
     }
     drop(stdin);
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_with_output();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(outcomes(&o).len(), 2 * n);
     let (m50, m99) = (

@@ -319,20 +319,20 @@ fn a_crash_mid_replay_leaves_no_half_applied_state() {
     assert_eq!(code, 0, "{err}");
 
     let crashed = dir.join("crashed");
-    let mut child = bin()
-        .args([
-            "replay",
-            "--learn-only",
-            "--jobs",
-            "1",
-            "--quiet",
-            "--state",
-        ])
-        .arg(&crashed)
-        .arg(&logs)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Proc::spawn(
+        bin()
+            .args([
+                "replay",
+                "--learn-only",
+                "--jobs",
+                "1",
+                "--quiet",
+                "--state",
+            ])
+            .arg(&crashed)
+            .arg(&logs)
+            .stdout(std::process::Stdio::null()),
+    );
     std::thread::sleep(std::time::Duration::from_millis(600));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();

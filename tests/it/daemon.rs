@@ -209,20 +209,20 @@ impl Trail {
         path
     }
 
-    pub fn start(&self, config: &Path, log: &Path) -> Child {
+    pub fn start(&self, config: &Path, log: &Path) -> Proc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        bin()
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(config)
-            .envs(self.moto.env())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        Proc::spawn(
+            bin()
+                .args(["run", "--log-format", "json", "--config"])
+                .arg(config)
+                .envs(self.moto.env())
+                .stdout(Stdio::null())
+                .stderr(log),
+        )
     }
 }
 

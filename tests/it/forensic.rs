@@ -274,22 +274,25 @@ async fn s3_one_day_of_a_30_day_bucket_lists_few_prefixes() {
 /// The LookupEvents stub (tests/servers/lookup_events_stub.py), killed on drop.
 struct LookupStub {
     port: u16,
-    child: std::process::Child,
+    _child: crate::support::Proc,
 }
 
 impl LookupStub {
     fn start(corpus: &Path, throttle_every: u32) -> LookupStub {
         let port = free_port();
-        let child = std::process::Command::new(python())
-            .arg(repo().join("tests/servers/lookup_events_stub.py"))
-            .arg(port.to_string())
-            .arg(corpus)
-            .arg(throttle_every.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the LookupEvents stub");
-        let stub = LookupStub { port, child };
+        let child = crate::support::Proc::spawn(
+            std::process::Command::new(python())
+                .arg(repo().join("tests/servers/lookup_events_stub.py"))
+                .arg(port.to_string())
+                .arg(corpus)
+                .arg(throttle_every.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        );
+        let stub = LookupStub {
+            port,
+            _child: child,
+        };
         let deadline = Instant::now() + std::time::Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "stub did not start");
@@ -321,13 +324,6 @@ impl LookupStub {
         s.read_to_string(&mut text).unwrap();
         let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
         serde_json::from_str(body).unwrap()
-    }
-}
-
-impl Drop for LookupStub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

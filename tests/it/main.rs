@@ -15,4 +15,5 @@ mod remediate;
 mod replay;
 mod rules_cli;
 mod servers;
+mod standalone;
 mod support;

@@ -235,7 +235,7 @@ fn output_file_table_summary_and_fail_on() {
         "most severe first: {table}"
     );
     assert!(
-        table.contains("files: 214 (0 bad, 0 digest files skipped)"),
+        table.contains("files: 229 (0 bad, 0 digest files skipped)"),
         "{table}"
     );
     assert!(table.contains("MB/s of JSON"), "{table}");

@@ -4,6 +4,7 @@
 //! generic webhooks from docs/alerts.md independently of kmsguard's code, and a private
 //! CA for TLS relays.
 
+use crate::support::Proc;
 use crate::support::{python, repo};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
@@ -12,7 +13,7 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub struct Smtp {
     pub port: u16,
     dir: PathBuf,
-    child: Child,
+    _child: Proc,
 }
 
 impl Smtp {
@@ -68,12 +69,11 @@ impl Smtp {
     }
 
     fn spawn(mut cmd: Command, port: u16, dir: &Path) -> Smtp {
-        let child = cmd
-            .env("PYTHONPATH", repo().join("tests/servers"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start aiosmtpd (run the tests through scripts/test, which installs it)");
+        let child = Proc::spawn(
+            cmd.env("PYTHONPATH", repo().join("tests/servers"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -85,7 +85,7 @@ impl Smtp {
         Smtp {
             port,
             dir: dir.to_path_buf(),
-            child,
+            _child: child,
         }
     }
 
@@ -111,13 +111,6 @@ impl Smtp {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Smtp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -350,22 +343,25 @@ pub fn private_ca(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
 /// drop.
 pub struct FaultProxy {
     pub port: u16,
-    child: Child,
+    _child: Proc,
 }
 
 impl FaultProxy {
     pub fn start(upstream: &str, config: &Value) -> FaultProxy {
         let port = crate::support::free_port();
-        let child = Command::new(python())
-            .arg(repo().join("tests/servers/s3_fault_proxy.py"))
-            .arg(port.to_string())
-            .arg(upstream)
-            .arg(config.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the S3 fault proxy");
-        let proxy = FaultProxy { port, child };
+        let child = Proc::spawn(
+            Command::new(python())
+                .arg(repo().join("tests/servers/s3_fault_proxy.py"))
+                .arg(port.to_string())
+                .arg(upstream)
+                .arg(config.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let proxy = FaultProxy {
+            port,
+            _child: child,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "fault proxy did not start");
@@ -400,12 +396,5 @@ impl FaultProxy {
         s.read_to_string(&mut text).unwrap();
         let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
         serde_json::from_str(body).unwrap_or_else(|e| panic!("proxy stats {body:?}: {e}"))
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -14,38 +14,19 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The corpus generator: $KMSGUARD_CTGEN, else ../shared/ctgen/ctgen.py beside the repo.
-pub fn ctgen() -> PathBuf {
-    let p = std::env::var_os("KMSGUARD_CTGEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("../shared/ctgen/ctgen.py"));
-    assert!(
-        p.exists(),
-        "ctgen not found at {}: set KMSGUARD_CTGEN to the path of ctgen.py",
-        p.display()
-    );
-    p
-}
-
-/// Runs ctgen with `args` into a fresh folder kept for the whole test run.
+/// Runs the project's corpus generator (the `ctgen` crate of this repository) in
+/// process with `args` into a fresh folder kept for the whole test run.
 pub fn generate(args: &[&str]) -> PathBuf {
     let dir = tempfile::Builder::new()
         .prefix("kmsguard-it-")
         .tempdir()
         .expect("temp dir")
         .keep();
-    let out = Command::new("python3")
-        .arg(ctgen())
-        .args(args)
-        .arg("--out")
-        .arg(&dir)
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "ctgen failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut argv: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    argv.push("--out".into());
+    argv.push(dir.clone().into());
+    let opts = ctgen::Options::from_args(argv).unwrap_or_else(|e| panic!("ctgen {args:?}: {e}"));
+    ctgen::run(&opts).unwrap_or_else(|e| panic!("ctgen {args:?}: {e}"));
     dir
 }
 
@@ -75,15 +56,64 @@ pub fn malformed() -> &'static Path {
             .tempdir()
             .expect("temp dir")
             .keep();
-        let out = Command::new("python3")
-            .arg(ctgen())
-            .arg("--malformed")
-            .arg(&dir)
-            .output()
-            .expect("python3 runs");
-        assert!(out.status.success(), "ctgen --malformed failed");
+        let opts = ctgen::Options::from_args([
+            std::ffi::OsString::from("--malformed"),
+            dir.clone().into(),
+        ])
+        .expect("ctgen --malformed parses");
+        ctgen::run(&opts).expect("ctgen --malformed writes");
         dir
     })
+}
+
+/// A child process a test started, killed (and reaped) when the guard is dropped: when
+/// the test ends, returns early or panics. Every process a test spawns is held in one,
+/// so a failed test leaves nothing running.
+pub struct Proc(Option<std::process::Child>);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        Proc(Some(cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot start {:?}: {e}", cmd.get_program())
+        })))
+    }
+
+    /// Waits for the child to exit on its own and collects its piped output.
+    pub fn wait_with_output(mut self) -> Output {
+        self.0
+            .take()
+            .expect("the child is held until the guard is consumed")
+            .wait_with_output()
+            .expect("wait for the child")
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        self.0
+            .as_ref()
+            .expect("the child is held until the guard is consumed")
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        self.0
+            .as_mut()
+            .expect("the child is held until the guard is consumed")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
 }
 
 pub fn run(cmd: &mut Command) -> Output {
@@ -153,7 +183,7 @@ pub fn free_port() -> u16 {
 /// A moto server on 127.0.0.1 (tests/servers/moto_launcher.py), killed on drop.
 pub struct Moto {
     pub port: u16,
-    child: std::process::Child,
+    _child: Proc,
 }
 
 impl Moto {
@@ -165,15 +195,18 @@ impl Moto {
     /// `KMSGUARD_MOTO_KEY_AGE_SECS`).
     pub fn start_with(env: &[(&str, &str)]) -> Moto {
         let port = free_port();
-        let child = Command::new(python())
-            .arg(repo().join("tests/servers/moto_launcher.py"))
-            .arg(port.to_string())
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start moto (run the tests through scripts/test, which installs it)");
-        let moto = Moto { port, child };
+        let child = Proc::spawn(
+            Command::new(python())
+                .arg(repo().join("tests/servers/moto_launcher.py"))
+                .arg(port.to_string())
+                .envs(env.iter().copied())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null()),
+        );
+        let moto = Moto {
+            port,
+            _child: child,
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -215,12 +248,5 @@ impl Moto {
             ))
             .load()
             .await
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
