@@ -147,8 +147,6 @@ pub fn send(
 pub enum Source<'a> {
     /// A file, or standard input for None or `-`.
     File(Option<&'a Path>),
-    /// Findings already in memory (`replay --alerts`).
-    Bytes(Vec<u8>),
 }
 
 pub fn send_from(
@@ -186,7 +184,6 @@ pub fn send_from(
                     .with_context(|| format!("cannot open findings file {}", p.display()))?,
             )),
             Source::File(_) => Box::new(tokio::io::BufReader::new(tokio::io::stdin())),
-            Source::Bytes(b) => Box::new(std::io::Cursor::new(b)),
         };
         anyhow::Ok(dispatch::send(channels, input, descriptions, policy, reporter()).await)
     })?;

@@ -189,6 +189,10 @@ pub struct ReplayArgs {
     /// Decompression ratio above which a file is treated as a gzip bomb.
     #[arg(long, default_value_t = 200, value_name = "RATIO")]
     pub max_ratio: u64,
+    /// With --state: forget, at the end, ledger entries of files more than DAYS older
+    /// (by their names' time stamps) than the newest file read.
+    #[arg(long, default_value_t = 30, value_name = "DAYS")]
+    pub ledger_days: u32,
 }
 
 #[derive(Debug, Args)]

@@ -62,6 +62,10 @@ pub struct RawAws {
 #[serde(deny_unknown_fields)]
 pub struct RawState {
     pub dir: PathBuf,
+    /// Days the ledger remembers a processed file (default 15: longer than SQS's 14-day
+    /// maximum message retention, so a redelivered notification is always recognised).
+    #[serde(default)]
+    pub ledger_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -326,6 +330,8 @@ pub struct Config {
     pub path: PathBuf,
     pub aws: crate::aws::AwsSettings,
     pub state_dir: PathBuf,
+    /// Days the ledger remembers a processed file (`[state] ledger_days`).
+    pub ledger_days: u32,
     pub rules_path: Option<PathBuf>,
     pub extra_rules: Vec<PathBuf>,
     pub sqs: Vec<SqsSourceConfig>,
@@ -387,6 +393,10 @@ impl Config {
                     "[aws] endpoint_url = \"{e}\": use a URL such as http://127.0.0.1:5000"
                 ));
             }
+        }
+        let ledger_days = raw.state.as_ref().and_then(|s| s.ledger_days).unwrap_or(15);
+        if ledger_days < 15 {
+            problems.push(format!("[state] ledger_days = {ledger_days}: use 15 or more (SQS keeps a message up to 14 days; a file forgotten sooner could be counted twice when its notification comes again)"));
         }
         let state_dir = match &raw.state {
             Some(s) => s.dir.clone(),
@@ -539,6 +549,7 @@ impl Config {
                 endpoint_url: endpoint,
             },
             state_dir,
+            ledger_days,
             rules_path: raw.rules.path.clone(),
             extra_rules: raw.rules.extra.clone(),
             sqs,

@@ -342,7 +342,9 @@ fn finding(c: &Check, rec: &KeyRecord, summary: String) -> Finding {
         context: Default::default(),
         action: None,
         pending: Default::default(),
+        ..Finding::default()
     };
+    f.settle_counts();
     inventory::apply(&mut f, rec);
     f
 }

@@ -38,6 +38,11 @@ pub struct Metrics {
     pub json_bytes: AtomicU64,
     pub files_in_flight: AtomicI64,
     pub outbox_depth: AtomicI64,
+    /// Folded findings open (`analyze::fold`), kept in the store.
+    pub open_folds: AtomicI64,
+    /// Ledger entries after the last pruning, and entries pruned since start.
+    pub ledger_entries: AtomicI64,
+    pub ledger_pruned: AtomicU64,
     pub delivered: AtomicU64,
     /// Unix seconds of the newest eventTime seen, and of the newest S3 event time.
     pub newest_event_time: AtomicI64,
@@ -155,6 +160,11 @@ impl Metrics {
             "files_failed_total",
             "Log files that failed permanently.",
             g(&self.files_failed),
+        );
+        counter(
+            "ledger_pruned_total",
+            "Ledger entries forgotten (older than [state] ledger_days).",
+            g(&self.ledger_pruned),
         );
         counter(
             "records_total",
@@ -283,6 +293,16 @@ impl Metrics {
                 "outbox_depth",
                 "Findings waiting for delivery.",
                 self.outbox_depth.load(Ordering::Relaxed),
+            ),
+            (
+                "ledger_entries",
+                "Files the ledger remembers (after the last hourly pruning).",
+                self.ledger_entries.load(Ordering::Relaxed),
+            ),
+            (
+                "open_folds",
+                "Folded findings whose window is open (bounded; they stay in the store).",
+                self.open_folds.load(Ordering::Relaxed),
             ),
             (
                 "lag_event_seconds",

@@ -418,6 +418,9 @@ mod tests {
             context: Default::default(),
             action: None,
             pending: Default::default(),
+            count: 1,
+            first_time: String::new(),
+            last_time: String::new(),
         };
         Alert::single("mail", f)
     }

@@ -167,7 +167,15 @@ struct Group {
     opened: SystemTime,
     /// The count at the last alert sent for the group (0: none yet).
     sent: u64,
+    /// Events counted per finding id: a folded finding that comes again with a larger
+    /// count (the daemon's update of a growing fold) adds only what is new. Bounded by
+    /// `MAX_MEMBERS`; past it, findings add their whole count.
+    #[serde(default)]
+    members: BTreeMap<String, u64>,
 }
+
+/// Finding ids a group remembers at most (to count a growing fold once).
+const MAX_MEMBERS: usize = 1000;
 
 impl Group {
     fn open(key: String, f: &Finding, now: SystemTime) -> Group {
@@ -177,34 +185,64 @@ impl Group {
             key,
             finding: f.clone(),
             count: 0,
-            first_time: f.time.clone(),
-            last_time: f.time.clone(),
-            first_secs: secs,
-            last_secs: secs,
+            first_time: if f.first_time.is_empty() {
+                f.time.clone()
+            } else {
+                f.first_time.clone()
+            },
+            last_time: if f.first_time.is_empty() {
+                f.time.clone()
+            } else {
+                f.first_time.clone()
+            },
+            first_secs: parse_rfc3339(&f.first_time).or(secs),
+            last_secs: parse_rfc3339(&f.first_time).or(secs),
             keys: BTreeSet::new(),
             keys_overflow: 0,
             opened: now,
             sent: 0,
+            members: BTreeMap::new(),
         };
         g.add(f, secs);
         g
     }
 
     fn add(&mut self, f: &Finding, secs: Option<i64>) {
-        self.count += 1;
-        match (secs, self.first_secs, self.last_secs) {
-            (Some(s), Some(first), Some(last)) => {
-                if s < first {
-                    self.first_secs = Some(s);
-                    self.first_time = f.time.clone();
+        // A folded finding stands for `count` events, from `first_time` to `last_time`.
+        let events = f.count.max(1);
+        let before = self.members.get(&f.id).copied();
+        self.count += events.saturating_sub(before.unwrap_or(0));
+        if before.is_some() || self.members.len() < MAX_MEMBERS {
+            let seen = self.members.entry(f.id.clone()).or_default();
+            *seen = (*seen).max(events);
+        }
+        let first = if f.first_time.is_empty() {
+            &f.time
+        } else {
+            &f.first_time
+        };
+        let last = if f.last_time.is_empty() {
+            &f.time
+        } else {
+            &f.last_time
+        };
+        let (first_secs, last_secs) = match secs {
+            Some(_) => (parse_rfc3339(first).or(secs), parse_rfc3339(last).or(secs)),
+            None => (None, None),
+        };
+        match (first_secs, last_secs, self.first_secs, self.last_secs) {
+            (Some(s0), Some(s1), Some(first_g), Some(last_g)) => {
+                if s0 < first_g {
+                    self.first_secs = Some(s0);
+                    self.first_time = first.clone();
                 }
-                if s > last {
-                    self.last_secs = Some(s);
-                    self.last_time = f.time.clone();
+                if s1 > last_g {
+                    self.last_secs = Some(s1);
+                    self.last_time = last.clone();
                 }
             }
             // Unparseable times: keep arrival order.
-            _ => self.last_time = f.time.clone(),
+            _ => self.last_time = last.clone(),
         }
         for k in &f.keys {
             if self.keys.len() < MAX_KEYS_TRACKED {

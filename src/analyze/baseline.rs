@@ -119,6 +119,29 @@ pub const DETECTORS: [(&str, Severity, &str); 8] = [
     ),
 ];
 
+/// How the detectors' findings fold: the spike and burst detectors group by their own
+/// ids (one finding per episode); the first-seen detectors fold a principal's new keys,
+/// sources, agents and regions of one window into one finding.
+pub fn fold_policies() -> Vec<(String, crate::analyze::fold::FoldPolicy)> {
+    use crate::analyze::fold::{FoldBy, FoldPolicy};
+    DETECTORS
+        .iter()
+        .map(|(id, _, _)| {
+            let by = match *id {
+                "anomaly-rate-spike" | "anomaly-denied-burst" => FoldBy::Id,
+                _ => FoldBy::Principal,
+            };
+            (
+                id.to_string(),
+                FoldPolicy {
+                    by,
+                    ..FoldPolicy::default()
+                },
+            )
+        })
+        .collect()
+}
+
 const BUCKET: i64 = 300;
 const ALPHA: f64 = 0.02;
 const MAX_IDS: usize = 50;
@@ -430,6 +453,10 @@ pub struct Baseline {
     pub hours: Vec<u32>,
     pub rates: BTreeMap<String, Rate>,
     pub denied: Denied,
+    /// When the detector last used this baseline (its own counter, not stored): the
+    /// cache evicts the least recently used.
+    #[serde(skip)]
+    pub last_used: u64,
 }
 
 impl Baseline {
@@ -471,6 +498,11 @@ pub struct Detector {
     watermark: i64,
     /// The watermark's bucket at the last `close_elapsed` scan.
     scanned_bucket: i64,
+    /// Counts observations, for the cache's least-recently-used order.
+    clock: u64,
+    /// Baselines dropped from the cache (they stay in the store and are loaded again
+    /// when their principal calls).
+    pub evicted: u64,
 }
 
 /// How far (event time) the watermark must be past a bucket's end before
@@ -488,6 +520,8 @@ impl Detector {
             disabled,
             watermark: i64::MIN,
             scanned_bucket: i64::MIN,
+            clock: 0,
+            evicted: 0,
         }
     }
 
@@ -514,11 +548,47 @@ impl Detector {
             .collect()
     }
 
-    /// Keeps the cache bounded: drops clean entries when it grows past `max`.
+    /// Baselines in the cache.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Baselines changed since the last `take_dirty`.
+    pub fn dirty_len(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// The trail's newest event time seen.
+    pub fn watermark(&self) -> i64 {
+        self.watermark
+    }
+
+    /// Keeps the cache bounded: when it holds more than `max` baselines, drops clean
+    /// ones (committed: the store has them) down to three quarters of `max`, least
+    /// recently used first and those without an open rate bucket before those with one
+    /// (an evicted open bucket is judged at its principal's next call, not by
+    /// `close_elapsed`). Dirty baselines are never dropped: commit them first.
     pub fn trim_cache(&mut self, max: usize) {
-        if self.cache.len() > max {
-            let dirty = &self.dirty;
-            self.cache.retain(|p, _| dirty.contains(p));
+        if self.cache.len() <= max {
+            return;
+        }
+        let target = max * 3 / 4;
+        let mut clean: Vec<(bool, u64, String)> = self
+            .cache
+            .iter()
+            .filter(|(p, _)| !self.dirty.contains(*p))
+            .map(|(p, b)| {
+                let open = b.rates.values().any(|r| r.count > 0);
+                (open, b.last_used, p.clone())
+            })
+            .collect();
+        clean.sort_unstable();
+        for (_, _, p) in clean {
+            if self.cache.len() <= target {
+                break;
+            }
+            self.cache.remove(&p);
+            self.evicted += 1;
         }
     }
 
@@ -544,9 +614,11 @@ impl Detector {
             };
             self.cache.insert(o.principal().to_string(), fresh);
         }
+        self.clock += 1;
         let Some(b) = self.cache.get_mut(o.principal()) else {
             return out;
         };
+        b.last_used = self.clock;
         if b.hours.len() != 168 {
             b.hours = vec![0; 168];
         }
@@ -710,7 +782,10 @@ impl Detector {
                     ..Denied::default()
                 };
             }
-            d.last = o.time;
+            // Records of a file are not strictly in time order: the window spans the
+            // earliest to the latest call seen.
+            d.window_start = d.window_start.min(o.time);
+            d.last = d.last.max(o.time);
             d.count += 1;
             if d.ids.len() < MAX_IDS {
                 d.ids.push(o.event_id().to_string());
@@ -722,7 +797,7 @@ impl Detector {
             }
             if d.count >= cfg.denied_burst
                 && !d.alerted
-                && o.time - d.window_start <= cfg.denied_window_secs * 3
+                && d.last - d.window_start <= cfg.denied_window_secs * 3
             {
                 d.alerted = true;
                 burst = Some(d.clone());
@@ -769,6 +844,9 @@ impl Detector {
                 Some(group),
             );
             f.time = r.first_time.clone();
+            f.first_time = r.first_time.clone();
+            f.last_time = bucket_end(r.bucket_start);
+            f.count = r.count;
             f.event_name = fam;
             out.push(f);
         }
@@ -778,17 +856,21 @@ impl Detector {
                 o.principal(),
                 d.count,
                 d.keys.len(),
-                o.time - d.window_start
+                d.last - d.window_start
             );
             let group = format!("{}|{}", o.principal(), d.window_start);
-            out.push(self.finding(
+            let mut f = self.finding(
                 "anomaly-denied-burst",
                 o,
                 d.ids.clone(),
                 d.keys.clone(),
                 summary,
                 Some(group),
-            ));
+            );
+            f.count = d.count;
+            f.first_time = crate::clock::format_unix(d.window_start);
+            f.last_time = crate::clock::format_unix(d.last);
+            out.push(f);
         }
         out
     }
@@ -924,6 +1006,9 @@ impl Detector {
             context: Default::default(),
             action: None,
             pending: Default::default(),
+            count: 1,
+            first_time: o.time_str().to_string(),
+            last_time: o.time_str().to_string(),
         }
     }
 }
@@ -985,6 +1070,9 @@ fn spike_finding(p: &str, fam: String, r: &Rate, mean: f64, sd: f64) -> Finding 
     let arn = p.split(" via ").next().unwrap_or(p);
     Finding {
         id,
+        count: r.count,
+        first_time: r.first_time.clone(),
+        last_time: bucket_end(r.bucket_start),
         kind: Kind::Anomaly,
         rule: "anomaly-rate-spike".into(),
         severity: Severity::High,
@@ -1003,6 +1091,11 @@ fn spike_finding(p: &str, fam: String, r: &Rate, mean: f64, sd: f64) -> Finding 
             .map(str::to_string),
         ..Finding::default()
     }
+}
+
+/// The last second of the 5-minute bucket starting at `start`.
+fn bucket_end(start: i64) -> String {
+    crate::clock::format_unix(start + BUCKET - 1)
 }
 
 fn close_bucket(r: &mut Rate, cfg: &BaselineConfig) -> Option<(Rate, f64, f64)> {

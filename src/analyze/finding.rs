@@ -87,7 +87,18 @@ pub struct Finding {
     pub severity: Severity,
     pub title: String,
     pub summary: String,
+    /// CloudTrail `eventID`s of the finding: at most `fold::MAX_EVENT_IDS` (the earliest;
+    /// `count` has the total).
     pub event_ids: Vec<String>,
+    /// How many events the finding stands for (repeats inside a fold window fold into
+    /// one finding, `analyze::fold`).
+    #[serde(default = "one")]
+    pub count: u64,
+    /// Event time of the earliest and latest of them.
+    #[serde(default)]
+    pub first_time: String,
+    #[serde(default)]
+    pub last_time: String,
     pub event_name: String,
     pub event_source: String,
     pub time: String,
@@ -124,6 +135,24 @@ pub struct Finding {
     /// serialized: findings are resolved before they are output or committed.
     #[serde(skip)]
     pub pending: crate::analyze::rule::Pending,
+}
+
+fn one() -> u64 {
+    1
+}
+
+impl Finding {
+    /// Fills the fold fields of a finding of one event: a count of 1, first and last time
+    /// its `time`.
+    pub fn settle_counts(&mut self) {
+        self.count = self.count.max(1);
+        if self.first_time.is_empty() {
+            self.first_time = self.time.clone();
+        }
+        if self.last_time.is_empty() {
+            self.last_time = self.time.clone();
+        }
+    }
 }
 
 /// What happened to a remediation: a contract like the rest of the finding.

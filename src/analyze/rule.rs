@@ -3,6 +3,7 @@
 //! and running each rule's inline tests. The format is documented in `docs/rules.md`.
 
 use crate::analyze::finding::{finding_id, Finding, Kind, Severity};
+use crate::analyze::fold::{FoldBy, FoldPolicy, Policies};
 use crate::analyze::matcher::{KeyFacts, Matcher, RawCond};
 use crate::event::{Event, Value, KMS_SOURCE};
 use serde::Deserialize;
@@ -271,6 +272,12 @@ struct RawRule {
     /// Severity raised when a condition holds (typically on key tags).
     #[serde(default)]
     escalate: Vec<RawEscalation>,
+    /// What repeated findings fold by: `principal_and_keys` (default) or `principal`.
+    #[serde(default)]
+    fold_by: Option<String>,
+    /// The fold window (`30m`, `1h`, ...; default 1h).
+    #[serde(default)]
+    fold_window: Option<String>,
     #[serde(default)]
     tests: Vec<RawTest>,
 }
@@ -321,6 +328,8 @@ pub struct Rule {
     /// Dotted paths captured into findings' `context`.
     pub capture: Vec<String>,
     pub escalate: Vec<Escalation>,
+    /// How repeated findings of the rule fold into one (`analyze::fold`).
+    pub fold: FoldPolicy,
     pub tests: Vec<RuleTest>,
 }
 
@@ -420,6 +429,9 @@ impl Rule {
             context: self.captured(ev),
             action: None,
             pending: Default::default(),
+            count: 1,
+            first_time: ev.event_time().unwrap_or("").to_string(),
+            last_time: ev.event_time().unwrap_or("").to_string(),
         }
     }
 }
@@ -529,6 +541,8 @@ pub struct RuleSet {
     suppressions: Vec<Suppression>,
     /// (event source, event name) -> rules; rules without names under name "".
     index: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// How each rule's (and detector's) findings fold.
+    policies: Policies,
 }
 
 impl RuleSet {
@@ -636,6 +650,7 @@ impl RuleSet {
             rules,
             suppressions,
             index: HashMap::new(),
+            policies: Policies::default(),
         };
         set.reindex();
         Ok(set)
@@ -698,6 +713,7 @@ impl RuleSet {
     }
 
     fn reindex(&mut self) {
+        self.policies = self.fold_policies();
         let mut index: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         for (i, r) in self.rules.iter().enumerate() {
             let by_name = index.entry(r.event_source.clone()).or_default();
@@ -713,6 +729,18 @@ impl RuleSet {
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// How each rule's findings fold, and the baseline detectors' findings.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
+    }
+
+    fn fold_policies(&self) -> Policies {
+        let mut p: BTreeMap<String, FoldPolicy> =
+            self.rules.iter().map(|r| (r.id.clone(), r.fold)).collect();
+        p.extend(crate::analyze::baseline::fold_policies());
+        Policies(p)
     }
 
     /// Event sources some rule looks at (what the decoder must parse fully).
@@ -858,6 +886,24 @@ fn compile(raw: RawRule, line: usize) -> Result<Rule, Vec<String>> {
             ));
         }
     }
+    let mut fold = FoldPolicy::default();
+    if let Some(by) = &raw.fold_by {
+        match FoldBy::parse(by) {
+            Some(FoldBy::Id) | None => errs.push(format!(
+                "fold_by = \"{by}\": use \"principal_and_keys\" (the default) or \"principal\""
+            )),
+            Some(b) => fold.by = b,
+        }
+    }
+    if let Some(w) = &raw.fold_window {
+        match crate::clock::parse_duration(w) {
+            Ok(d) if (60..=86_400).contains(&d.as_secs()) => fold.window_secs = d.as_secs() as i64,
+            Ok(_) => errs.push(format!(
+                "fold_window = \"{w}\": use a window between 1m and 1d"
+            )),
+            Err(e) => errs.push(format!("fold_window = \"{w}\": {e}")),
+        }
+    }
     let mut tests = Vec::new();
     for (i, t) in raw.tests.iter().enumerate() {
         let name = t.name.clone().unwrap_or_else(|| format!("test {}", i + 1));
@@ -955,6 +1001,7 @@ fn compile(raw: RawRule, line: usize) -> Result<Rule, Vec<String>> {
         remediation: raw.remediation,
         capture: raw.capture,
         escalate,
+        fold,
         tests,
     })
 }

@@ -67,7 +67,12 @@ pub struct Activity {
     /// Earliest and latest event time scanned.
     pub from: Option<String>,
     pub until: Option<String>,
+    /// Events of keys not tracked because `MAX_KEYS` keys already were.
+    pub dropped: u64,
 }
+
+/// Keys one scan tracks at most (the store records at most `inventory::MAX_SEEN_KEYS`).
+pub const MAX_KEYS: usize = 100_000;
 
 fn max_into(slot: &mut Option<String>, t: &str) {
     if slot.as_deref().is_none_or(|o| o < t) {
@@ -109,6 +114,10 @@ impl Activity {
         let used = USE_EVENTS.contains(&name) && ev.error_code().is_none();
         let changes = invalidates(name) && ev.error_code().is_none();
         for k in keys {
+            if self.keys.len() >= MAX_KEYS && !self.keys.contains_key(&k) {
+                self.dropped += 1;
+                continue;
+            }
             let a = self.keys.entry(k).or_default();
             max_into(&mut a.last_seen, time);
             if used {
@@ -122,7 +131,12 @@ impl Activity {
 
     /// Folds another scan's activity into this one.
     pub fn merge(&mut self, other: Activity) {
+        self.dropped += other.dropped;
         for (k, o) in other.keys {
+            if self.keys.len() >= MAX_KEYS && !self.keys.contains_key(&k) {
+                self.dropped += 1;
+                continue;
+            }
             let a = self.keys.entry(k).or_default();
             for (slot, v) in [
                 (&mut a.last_seen, o.last_seen),

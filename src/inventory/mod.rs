@@ -231,6 +231,8 @@ pub struct EnrichReport {
     pub keys_read: usize,
     /// The first problem, when some keys could not be read (for one warning).
     pub problem: Option<String>,
+    /// The API could not be reached at all (enrichment stopped there).
+    pub unreachable: bool,
 }
 
 /// The key inventory over a state store and (when online) the KMS API.
@@ -765,6 +767,7 @@ impl Inventory {
                         report.problem = Some(e.to_string());
                     }
                     if unreachable {
+                        report.unreachable = true;
                         break;
                     }
                 }

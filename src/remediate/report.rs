@@ -40,7 +40,7 @@ pub(super) fn remediation_finding(f: &Finding, report: ActionReport) -> Finding 
             &report.action
         }
     );
-    Finding {
+    let mut out = Finding {
         id: finding_id(&rule, std::slice::from_ref(&f.id)),
         kind: Kind::Remediation,
         rule,
@@ -66,7 +66,10 @@ pub(super) fn remediation_finding(f: &Finding, report: ActionReport) -> Finding 
         pending: Default::default(),
         context: BTreeMap::from([("trigger".to_string(), f.id.clone())]),
         action: Some(report),
-    }
+        ..Finding::default()
+    };
+    out.settle_counts();
+    out
 }
 
 /// Finds the newest finding with `id` in JSON Lines files (the daemon's file sinks).

@@ -8,7 +8,16 @@ pub mod lookup_events;
 pub mod notification;
 pub mod s3;
 
-pub use files::{collect_files, LogFile, SourceError};
+pub use files::{collect_files, walk, LogFile, SourceError, Walk, Walked};
+
+impl From<Walked> for LogInput {
+    fn from(w: Walked) -> LogInput {
+        match w {
+            Walked::File(f) => LogInput::Local(f),
+            Walked::Problem { path, why } => LogInput::Unreadable { name: path, why },
+        }
+    }
+}
 pub use lookup_events::ApiSlice;
 pub use s3::S3Object;
 
@@ -28,6 +37,12 @@ pub enum LogInput {
         ledger: String,
         bytes: Vec<u8>,
     },
+    /// Something a source found but cannot read (a folder it cannot list, a FIFO): the
+    /// replay reports it once, counts it bad and goes on.
+    Unreadable {
+        name: String,
+        why: String,
+    },
 }
 
 impl LogInput {
@@ -38,6 +53,7 @@ impl LogInput {
             LogInput::S3(o) => o.url(),
             LogInput::Api(s) => s.name(),
             LogInput::Memory { name, .. } => name.clone(),
+            LogInput::Unreadable { name, .. } => name.clone(),
         }
     }
 
@@ -49,6 +65,7 @@ impl LogInput {
             // Unknown until read; progress counts slices.
             LogInput::Api(_) => 0,
             LogInput::Memory { bytes, .. } => bytes.len() as u64,
+            LogInput::Unreadable { .. } => 0,
         }
     }
 
@@ -60,6 +77,7 @@ impl LogInput {
             LogInput::S3(o) => o.stamp_secs(),
             LogInput::Api(s) => Some(s.from),
             LogInput::Memory { .. } => None,
+            LogInput::Unreadable { name, .. } => s3::stamp_secs(name),
         }
     }
 
@@ -70,6 +88,7 @@ impl LogInput {
             LogInput::S3(o) => o.ledger_key(),
             LogInput::Api(s) => s.ledger_key(),
             LogInput::Memory { ledger, .. } => ledger.clone(),
+            LogInput::Unreadable { name, .. } => format!("unreadable:{name}"),
         }
     }
 }

@@ -472,28 +472,45 @@ async fn replay_enrich_shows_aliases_and_tags_and_tag_resource_invalidates_the_c
         cached[0]["key_tags"]["env"], "prod",
         "served from the cache"
     );
-    // ... until CloudTrail shows the TagResource: that invalidates the record.
+    // ... until CloudTrail shows the TagResource: that invalidates the record. The
+    // replay goes in time order: the deletion scheduled before the retag shows the key
+    // as it was then (the cached record), a change after it the key as it became (read
+    // again from the API).
     let second = write_trail(
         trail.path(),
         "20261129T0100Z",
-        &[record(
-            "TagResource",
-            &key,
-            &ts(0),
-            json!({"tags": [{"tagKey": "env", "tagValue": "staging"}]}),
-        )],
+        &[
+            record(
+                "TagResource",
+                &key,
+                &ts(0),
+                json!({"tags": [{"tagKey": "env", "tagValue": "staging"}]}),
+            ),
+            record("DisableKey", &key, &ts(1), json!({})),
+        ],
     );
     let (fresh, err) = enrich(&[&first, &second]);
+    let invalidated: usize = err
+        .split("; ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     assert!(
-        err.contains("1 cached inventory record(s) invalidated"),
+        invalidated >= 1 && err.contains("cached inventory record(s) invalidated"),
         "{err}"
     );
-    let f = fresh
+    let before = fresh
         .iter()
         .find(|f| f["rule"] == "kms-key-deletion-scheduled")
         .unwrap();
-    assert_eq!(f["key_tags"]["env"], "staging", "{err}");
-    assert_eq!(f["key_alias"], "alias/payments");
+    assert_eq!(before["key_tags"]["env"], "prod", "{err}");
+    let after = fresh
+        .iter()
+        .find(|f| f["rule"] == "kms-key-disabled")
+        .unwrap();
+    assert_eq!(after["key_tags"]["env"], "staging", "{err}");
+    assert_eq!(after["key_alias"], "alias/payments");
 }
 
 #[test]

@@ -36,6 +36,9 @@ fn finding(rule: &str, sev: Severity, principal: &str, key: &str, time: &str) ->
         context: Default::default(),
         action: None,
         pending: Default::default(),
+        count: 1,
+        first_time: String::new(),
+        last_time: String::new(),
     }
 }
 

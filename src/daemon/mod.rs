@@ -29,8 +29,11 @@ use crate::config::{Config, OnPermanent};
 use crate::decode::{DecodeLimits, Decoder};
 use crate::outbox::{self, DeliveryError, Sink};
 use crate::pipeline::{self, Analysis};
+use commit::{Committer, Input, Job, JobOutcome};
+
+mod commit;
 use crate::source::notification::{parse_body, Notice, ObjectRef};
-use crate::store::{Commit, LedgerStatus, Store, StoreError};
+use crate::store::{LedgerStatus, Store, StoreError};
 use crate::telemetry::{Metrics, Notifier};
 use crate::RuleSet;
 use std::collections::HashMap;
@@ -67,28 +70,6 @@ enum FileError {
     Transient(String),
     /// Will not get better (gone, access denied, corrupt): reported as a health finding.
     Permanent,
-}
-
-struct Job {
-    /// The ledger entry of the file; None for the findings of an inventory refresh.
-    key: Option<String>,
-    /// Other state to commit with the findings (the refresh's reported set).
-    state: Vec<crate::store::StateWrite>,
-    /// A second ledger entry to write (the object's key without ETag).
-    alias: Option<String>,
-    analysis: Option<Analysis>,
-    /// When CloudTrail showed each key in the file (recorded with its commit).
-    activity: Option<crate::inventory::Activity>,
-    health: Vec<Finding>,
-    failed: bool,
-    reply: oneshot::Sender<Result<JobOutcome, StoreError>>,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum JobOutcome {
-    Committed,
-    AlreadyDone,
-    AlreadyFailed,
 }
 
 struct Shared {
@@ -248,9 +229,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let det = Detector::new(cfg.baseline.clone());
         std::thread::Builder::new()
             .name("kmsguard-analyzer".into())
-            .spawn(move || analyzer_loop(jobs_rx, shared, det))
+            .spawn(move || commit::analyzer_loop(jobs_rx, shared, det))
             .map_err(DaemonError::Signals)?
     };
+    tasks.spawn(prune_loop(
+        store.clone(),
+        cfg.ledger_days,
+        metrics.clone(),
+        shutdown_rx.clone(),
+    ));
     let mut refresher = None;
     if let Some(every) = cfg.inventory.refresh {
         if let Some(rx) = rereads_rx {
@@ -412,6 +399,47 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     store.flush()?;
     info!("kmsguard stopped");
     Ok(())
+}
+
+/// How often the ledger is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Forgets, every hour (the first a minute after start), ledger entries older than
+/// `days`: the queue cannot deliver their notifications again (SQS keeps a message at
+/// most 14 days), so the ledger's size follows the trail's rate, not its age.
+async fn prune_loop(
+    store: Store,
+    days: u32,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut wait = Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        wait = PRUNE_EVERY;
+        let s = store.clone();
+        let now = crate::inventory::now_secs();
+        let cutoff = now - i64::from(days) * 86_400;
+        match tokio::task::spawn_blocking(move || s.prune_ledger(cutoff, now)).await {
+            Ok(Ok(p)) => {
+                metrics
+                    .ledger_entries
+                    .store(p.kept as i64, Ordering::Relaxed);
+                metrics
+                    .ledger_pruned
+                    .fetch_add(p.removed, Ordering::Relaxed);
+                info!(removed = p.removed, kept = p.kept, days, "ledger pruned");
+            }
+            Ok(Err(e)) => {
+                metrics.error("store");
+                warn!(error = %e, "cannot prune the ledger; retrying in an hour");
+            }
+            Err(e) => warn!(error = %e, "the ledger pruning task failed"),
+        }
+    }
 }
 
 /// SIGHUP: re-reads the config file's `[rules]` and the rules it names. Anything wrong
@@ -712,7 +740,7 @@ fn ledger_says(shared: &Shared, key: &str) -> Option<Result<(), FileError>> {
             Some(Ok(()))
         }
         Ok(Some(LedgerStatus::Failed)) => Some(Err(FileError::Permanent)),
-        Ok(None) => None,
+        Ok(None | Some(LedgerStatus::Partial(_))) => None,
         Err(e) => Some(Err(FileError::Transient(e.to_string()))),
     }
 }
@@ -786,21 +814,64 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
         observations: true,
         key_events: shared.cfg.remediation.is_some(),
     };
-    let (analysis, activity) = tokio::task::spawn_blocking(move || {
+    let jobs = shared.jobs.clone();
+    let chunk_key = key.clone();
+    let (analysis, activity, chunked) = tokio::task::spawn_blocking(move || {
         let mut decoder = Decoder::new(limits);
         // When each key was last seen, used and changed: the scheduled inventory
         // refresh's use-based posture checks read it.
         let mut activity = crate::inventory::Activity::default();
-        let analysis = pipeline::analyze(&rules, &name, collect, |on_event| {
-            decoder.decode_bytes(&bytes, gz_name, &mut |ev| {
-                activity.observe(ev);
-                on_event(ev)
-            })
-        });
-        (analysis, activity)
+        // A large file's chunks are committed as they fill (with a ledger cursor): its
+        // baselines and findings never have to fit in memory.
+        let mut chunked = ChunkState::default();
+        let policies = rules.policies().clone();
+        let mut flush = |out: pipeline::ChunkOut| {
+            chunked.index += 1;
+            if chunked.failed.is_some() || chunked.done_before {
+                return;
+            }
+            let (reply, rx) = oneshot::channel();
+            let job = Job::Chunk(commit::ChunkJob {
+                key: chunk_key.clone(),
+                index: chunked.index,
+                out,
+                policies: policies.clone(),
+                reply,
+            });
+            if jobs.blocking_send(job).is_err() {
+                chunked.failed = Some("the analyzer has stopped".into());
+                return;
+            }
+            match rx.blocking_recv() {
+                Ok(Ok(JobOutcome::AlreadyDone | JobOutcome::AlreadyFailed)) => {
+                    chunked.done_before = true
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => chunked.failed = Some(e.to_string()),
+                Err(_) => chunked.failed = Some("the analyzer has stopped".into()),
+            }
+        };
+        let analysis = pipeline::analyze_streaming(
+            &rules,
+            &name,
+            collect,
+            pipeline::OBSERVATION_CHUNK,
+            &mut flush,
+            |on_event| {
+                decoder.decode_bytes(&bytes, gz_name, &mut |ev| {
+                    activity.observe(ev);
+                    on_event(ev)
+                })
+            },
+        );
+        (analysis, activity, chunked)
     })
     .await
     .map_err(|e| FileError::Transient(format!("analysis task failed: {e}")))?;
+    if let Some(e) = chunked.failed {
+        shared.metrics.error("store");
+        return Err(FileError::Transient(e));
+    }
     let mut health_findings = Vec::new();
     let failed = analysis.report.is_bad();
     if failed {
@@ -836,6 +907,15 @@ async fn fetch_and_analyze(shared: &Shared, obj: &ObjectRef, key: String) -> Res
     }
 }
 
+/// How a file's chunks went (`fetch_and_analyze`).
+#[derive(Default)]
+struct ChunkState {
+    index: u64,
+    /// The ledger had the whole file already (a redelivery).
+    done_before: bool,
+    failed: Option<String>,
+}
+
 /// Hands a file's results to the analyzer and waits for the commit.
 async fn submit(
     shared: &Shared,
@@ -847,9 +927,15 @@ async fn submit(
 ) -> Result<JobOutcome, String> {
     let (reply, rx) = oneshot::channel();
     let (analysis, activity) = analysis.unzip();
+    let policies = shared
+        .rules
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .policies()
+        .clone();
     shared
         .jobs
-        .send(Job {
+        .send(Job::Input(Box::new(Input {
             key: Some(key),
             state: Vec::new(),
             alias,
@@ -857,8 +943,9 @@ async fn submit(
             activity,
             health,
             failed,
+            policies,
             reply,
-        })
+        })))
         .await
         .map_err(|_| "the analyzer has stopped".to_string())?;
     match rx.await {
@@ -928,31 +1015,10 @@ async fn fetch(shared: &Shared, obj: &ObjectRef) -> Result<(Vec<u8>, Option<Stri
     }
 }
 
-/// What the analyzer thread needs: the store, metrics, sinks and the outbox signal.
-struct Committer {
-    store: Store,
-    /// The key inventory's cache (offline: never calls the API).
-    inventory: crate::inventory::Inventory,
-    metrics: Arc<Metrics>,
-    sinks: Arc<Vec<Sink>>,
-    outbox: Arc<Notify>,
-    /// The remediation tree, when remediation is on: each input's key events are
-    /// recorded there (`remediate::history`) in its commit.
-    remediation: Option<sled::Tree>,
-    /// Keys with recorded CloudTrail activity (`inventory::SEEN`), against
-    /// `inventory::MAX_SEEN_KEYS`; only the analyzer writes them.
-    seen_keys: std::sync::atomic::AtomicUsize,
-    /// Whether the cap was reported in the log already.
-    seen_cap_logged: std::sync::atomic::AtomicBool,
-    /// The re-reader's queue (with `[inventory] refresh`): keys a committed file showed
-    /// changed. Never waited on: when it is full, the scheduled refresh catches up.
-    rereads: Option<mpsc::Sender<Reread>>,
-}
-
 /// A key to read again from the KMS API: its ARN and the time of the latest event that
 /// changed it.
 #[derive(Debug)]
-struct Reread {
+pub(super) struct Reread {
     arn: String,
     changed_at: String,
 }
@@ -967,157 +1033,6 @@ const REREAD_DEBOUNCE: Duration = Duration::from_secs(3);
 
 /// One re-read's time bound (it retries throttling with backoff meanwhile).
 const REREAD_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn analyzer_loop(mut jobs: mpsc::Receiver<Job>, shared: Committer, mut det: Detector) {
-    while let Some(job) = jobs.blocking_recv() {
-        let result = analyze_job(
-            &shared,
-            &mut det,
-            job.key,
-            job.alias,
-            job.analysis,
-            job.activity,
-            job.health,
-            job.failed,
-            job.state,
-        );
-        if result.is_ok() {
-            shared.outbox.notify_waiters();
-        }
-        let _ = job.reply.send(result);
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn analyze_job(
-    shared: &Committer,
-    det: &mut Detector,
-    key: Option<String>,
-    alias: Option<String>,
-    analysis: Option<Analysis>,
-    activity: Option<crate::inventory::Activity>,
-    health: Vec<Finding>,
-    failed: bool,
-    state: Vec<crate::store::StateWrite>,
-) -> Result<JobOutcome, StoreError> {
-    if let Some(key) = &key {
-        match shared.store.ledger_status(key)? {
-            Some(LedgerStatus::Done) => return Ok(JobOutcome::AlreadyDone),
-            Some(LedgerStatus::Failed) => return Ok(JobOutcome::AlreadyFailed),
-            None => {}
-        }
-    }
-    let mut findings = health;
-    if let Some(a) = &analysis {
-        let mut found = a.findings.clone();
-        // Without a cached record, key conditions see what earlier events of the file
-        // said about the key (tags, aliases), not only the finding's own event.
-        crate::analyze::key_facts::Tracker::default().carry(&a.key_facts, &mut found);
-        for f in found.iter_mut() {
-            // The cache only: the analyzer never waits on the API.
-            shared.inventory.enrich_cached(f)?;
-        }
-        crate::analyze::rule::resolve_all(&mut found);
-        findings.extend(found);
-        if let Some(key) = &key {
-            if let Some(anomalies) =
-                pipeline::learn(det, &shared.store, key, &a.observations, true)?
-            {
-                findings.extend(anomalies);
-            }
-        }
-    }
-    // One outbox entry per (sink, finding), ordered by a growing sequence number.
-    let outbox = outbox::entries_for(&shared.store, &shared.sinks, &findings)?;
-    let entries: Vec<String> = key.into_iter().chain(alias).collect();
-    // What later events say about pending remediations lands with the findings, so the
-    // remediation sink, which runs after this commit, sees the whole file.
-    let mut state = state;
-    if let (Some(tree), Some(a)) = (&shared.remediation, &analysis) {
-        if !a.key_events.is_empty() {
-            state.extend(crate::remediate::history::writes(tree, &a.key_events));
-        }
-    }
-    // When CloudTrail showed each key, with the file: the refresh's use-based checks.
-    // With `[inventory] refresh`, cached records of keys the file changed are not dropped:
-    // the re-reader replaces them a few seconds after the commit, and until then
-    // enrichment is better served by a slightly old record than by none. Without it
-    // nothing would ever replace them, so they are dropped, as replay does.
-    let mut new_seen = 0;
-    if let Some(act) = &activity {
-        let recorded = shared.seen_keys.load(Ordering::Relaxed);
-        let room = crate::inventory::MAX_SEEN_KEYS.saturating_sub(recorded);
-        let w = shared
-            .inventory
-            .activity_writes(act, shared.rereads.is_none(), room)?;
-        if w.dropped > 0 && !shared.seen_cap_logged.swap(true, Ordering::Relaxed) {
-            shared.metrics.error("inventory-seen-cap");
-            warn!(
-                keys = recorded,
-                "the CloudTrail activity of {} keys is recorded already (the cap); activity of further keys is not recorded",
-                crate::inventory::MAX_SEEN_KEYS
-            );
-        }
-        new_seen = w.new_keys;
-        state.extend(w.writes);
-    }
-    let commit = Commit {
-        ledger: if failed { Vec::new() } else { entries.clone() },
-        failed: if failed { entries } else { Vec::new() },
-        baselines: pipeline::dirty_baselines(det),
-        outbox,
-        state,
-        ..Commit::default()
-    };
-    let n_outbox = commit.outbox.len() as i64;
-    shared.store.commit(&commit)?;
-    // Durable before the SQS message is deleted: sled writes its log to the file only
-    // every 500 ms, and a kill -9 in between would lose a file whose message is gone.
-    shared.store.flush()?;
-    shared.seen_keys.fetch_add(new_seen, Ordering::Relaxed);
-    // Keys the file showed changed: re-read soon, in the background (after the commit,
-    // so a redelivered file that changes nothing here asks for nothing).
-    if let (Some(tx), Some(act)) = (&shared.rereads, &activity) {
-        let mut changed: Vec<(&String, &String)> = act
-            .keys
-            .iter()
-            .filter(|(arn, _)| crate::inventory::region_of_arn(arn).is_some())
-            .filter_map(|(arn, a)| a.last_change.as_ref().map(|t| (arn, t)))
-            .collect();
-        changed.sort();
-        for (arn, t) in changed {
-            let r = Reread {
-                arn: arn.clone(),
-                changed_at: t.clone(),
-            };
-            if tx.try_send(r).is_err() {
-                shared.metrics.error("inventory-reread-dropped");
-            }
-        }
-    }
-    for sink in shared.sinks.iter() {
-        sink.note_committed(&findings);
-    }
-    det.trim_cache(100_000);
-    let m = &shared.metrics;
-    m.outbox_depth.fetch_add(n_outbox, Ordering::Relaxed);
-    for f in &findings {
-        m.finding(&f.rule, f.severity.as_str());
-    }
-    if let Some(a) = &analysis {
-        let s = &a.report.stats;
-        if !failed {
-            m.files_processed.fetch_add(1, Ordering::Relaxed);
-        }
-        m.records.fetch_add(s.records, Ordering::Relaxed);
-        m.kms_records.fetch_add(s.kms_records, Ordering::Relaxed);
-        m.json_bytes.fetch_add(s.json_bytes, Ordering::Relaxed);
-        if let Some(t) = a.observations.iter().map(|o| o.time).max() {
-            m.newest_event_time.fetch_max(t, Ordering::Relaxed);
-        }
-    }
-    Ok(JobOutcome::Committed)
-}
 
 /// `[inventory] refresh`: every interval (the first at start), reads every key of the
 /// posture regions (`[posture] regions`, else `[aws] region`) with the default
@@ -1200,7 +1115,7 @@ async fn refresh_loop(
         let n_new = new.len();
         if !state.is_empty() {
             let (reply, rx) = oneshot::channel();
-            let job = Job {
+            let job = Job::Input(Box::new(Input {
                 key: None,
                 state,
                 alias: None,
@@ -1208,8 +1123,9 @@ async fn refresh_loop(
                 activity: None,
                 health: new,
                 failed: false,
+                policies: Default::default(),
                 reply,
-            };
+            }));
             if shared.jobs.send(job).await.is_err() {
                 return;
             }
